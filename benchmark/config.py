@@ -1,0 +1,175 @@
+"""Frozen configuration dataclasses, option enums and derived seeds.
+
+Every option that a user can set is an enum converted once in ``__post_init__`` so a bad value
+fails at construction with the allowed values named (STYLE.md §5).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+CACHE_VERSION = 1  # bump when the stored format or the maths of a cached unit changes
+
+
+class OptionError(ValueError):
+    """A configuration value outside its allowed set; the message names option and choices."""
+
+
+def parse_enum(enum_cls: type[enum.Enum], value: Any, option: str) -> Any:
+    """Convert ``value`` to ``enum_cls`` or raise an :class:`OptionError` naming the choices."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(value)
+    except ValueError:
+        allowed = ", ".join(str(m.value) for m in enum_cls)
+        raise OptionError(f"{option} must be one of: {allowed}; got {value!r}") from None
+
+
+class Coupling(str, enum.Enum):
+    """How a removal run is coupled to the full-data run of the same seed.
+
+    MASKED: same seed, same batches, w_k = 0 (the perturbation unrolled differentiation differentiates).
+    DELETED: same seed, same permutation with k deleted, so later batch boundaries shift
+        (Wei et al. 2024's ``RandomSamplerLOO``).
+    INDEPENDENT: fresh init and batch order for every removal run (k deleted from its own permutation).
+    """
+
+    MASKED = "masked"
+    DELETED = "deleted"
+    INDEPENDENT = "independent"
+
+
+class Scale(str, enum.Enum):
+    SMOKE = "smoke"
+    SMALL = "small"
+    PAPER = "paper"
+
+
+class LRSchedule(str, enum.Enum):
+    """Learning-rate schedules, indexed by the full-data run's global step t ∈ [0, T)."""
+
+    CONSTANT = "constant"
+    LINEAR = "linear"  # η_t = η·(1 − t/T)
+    TRIANGULAR = "triangular"  # 0 → η at peak_fraction·T → 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """SGD with heavy-ball momentum and coupled weight decay (torch.optim.SGD semantics):
+
+        g_t = (1/B)·Σ_{i∈B_t} w_i·∇ℓ_i(θ_t) + wd·θ_t;  v_{t+1} = β·v_t + g_t;  θ_{t+1} = θ_t − η_t·v_{t+1}
+
+    B is the number of slots of the batch (a masked example keeps its slot with w = 0).
+    """
+
+    lr: float = 0.1
+    momentum: float = 0.0  # β
+    weight_decay: float = 1e-4  # wd; the trained objective is (1/N)Σℓ_n + (wd/2)‖θ‖²
+    batch_size: int = 50  # B
+    epochs: int = 5
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    peak_fraction: float = 0.2  # triangular only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_schedule", parse_enum(LRSchedule, self.lr_schedule, "lr_schedule"))
+        if not self.lr > 0:
+            raise OptionError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise OptionError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise OptionError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1 or self.epochs < 1:
+            raise OptionError("TrainConfig.batch_size and epochs must be >= 1")
+        if not 0 < self.peak_fraction < 1:
+            raise OptionError(f"TrainConfig.peak_fraction must be in (0, 1), got {self.peak_fraction}")
+
+
+@dataclass(frozen=True)
+class GroundTruthConfig:
+    """What the ground truth samples: S seeds × (full + K removals), measured on Q queries."""
+
+    n_seeds: int = 16  # S
+    n_targets: int = 16  # K
+    n_queries: int = 16  # Q
+    coupling: Coupling = Coupling.MASKED
+    first_seed: int = 0
+    selection_seed: int = 0  # draws targets and queries
+    seeds_per_unit: int = 8  # seeds per cached work unit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coupling", parse_enum(Coupling, self.coupling, "coupling"))
+        for name in ("n_seeds", "n_targets", "n_queries", "seeds_per_unit"):
+            if getattr(self, name) < 1:
+                raise OptionError(f"GroundTruthConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_seeds < 4:
+            raise OptionError(f"GroundTruthConfig.n_seeds must be >= 4 (cross-fitting), got {self.n_seeds}")
+        if self.first_seed < 0:
+            raise OptionError(f"GroundTruthConfig.first_seed must be >= 0, got {self.first_seed}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.n_seeds))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An MLP: input → hidden… → classes, with an activation and optional input pooling."""
+
+    hidden: tuple[int, ...] = (64,)
+    activation: str = "relu"
+    input_pool: int = 1  # average-pool the 28×28 image by this factor before flattening
+
+    def __post_init__(self) -> None:
+        if self.activation not in ("relu", "tanh", "gelu"):
+            raise OptionError(f"ModelConfig.activation must be one of: relu, tanh, gelu; got {self.activation!r}")
+
+
+@dataclass(frozen=True)
+class TaskScale:
+    """Everything a scale of a task fixes: data sizes, model, training and ground truth."""
+
+    n_train: int  # N
+    model: ModelConfig
+    train: TrainConfig
+    ground_truth: GroundTruthConfig
+    query_pool: int = 1000  # queries are drawn from the first `query_pool` test examples
+    data_seed: int = 0  # draws the training subset
+
+    def with_overrides(self, **kw: Any) -> TaskScale:
+        gt_names = {f.name for f in fields(GroundTruthConfig)}
+        gt_kw = {k: v for k, v in kw.items() if k in gt_names}
+        rest = {k: v for k, v in kw.items() if k not in gt_names}
+        return replace(self, ground_truth=replace(self.ground_truth, **gt_kw), **rest)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed derived from a tuple of names and numbers (DomainBed's ``seed_hash``)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def generator(*parts: object, device: str = "cpu") -> Any:
+    import torch
+
+    return torch.Generator(device=device).manual_seed(derive_seed(*parts))
+
+
+__all__ = [
+    "CACHE_VERSION",
+    "Coupling",
+    "GroundTruthConfig",
+    "LRSchedule",
+    "ModelConfig",
+    "OptionError",
+    "Scale",
+    "TaskScale",
+    "TrainConfig",
+    "derive_seed",
+    "field",
+    "generator",
+    "parse_enum",
+]

@@ -1,0 +1,212 @@
+"""Training many models at once along a model axis.
+
+Each model is a seed (init + batch order) and a per-slot example-weight schedule. All models in a
+call share the step count T; the batch loss of model n at step t is
+
+    L_{n,t}(θ) = (1/B_{n,t}) · Σ_{i∈slots} w_{n,t,i} · ℓ(θ; x_{idx[n,t,i]})
+
+with B_{n,t} the number of real slots (a masked example keeps its slot with w = 0, so B is unchanged;
+a padded slot of a shorter batch is not counted). The update is torch.optim.SGD's (see TrainConfig).
+A step with B_{n,t} = 0 (a deleted example emptied the last batch of an epoch) leaves θ and v unchanged.
+The learning rate is indexed by the full-data run's step grid, so all couplings share η_t.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from benchmark.config import Coupling, LRSchedule, TrainConfig, derive_seed
+from tasks.base import Task, TaskData, cross_entropy
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The batches of one run: idx [T, B] (training indices), weight [T, B], denom [T] (real slots)."""
+
+    idx: Tensor
+    weight: Tensor
+    denom: Tensor
+
+
+def steps_per_epoch(n_train: int, batch_size: int) -> int:
+    return math.ceil(n_train / batch_size)
+
+
+def learning_rates(cfg: TrainConfig, n_steps: int) -> Tensor:
+    """η_t for t ∈ [0, T), float64 [T]."""
+    t = torch.arange(n_steps, dtype=torch.float64)
+    if cfg.lr_schedule is LRSchedule.CONSTANT:
+        return torch.full((n_steps,), cfg.lr, dtype=torch.float64)
+    if cfg.lr_schedule is LRSchedule.LINEAR:
+        return cfg.lr * (1 - t / n_steps)
+    peak = cfg.peak_fraction * n_steps
+    up, down = t / peak, (n_steps - t) / (n_steps - peak)
+    return cfg.lr * torch.minimum(up, down).clamp(min=0.0)
+
+
+def init_seed(task_name: str, seed: int, removed: int | None, coupling: Coupling) -> int:
+    """The seed that draws a run's initial parameters (fresh per removal only when independent)."""
+    if coupling is Coupling.INDEPENDENT and removed is not None:
+        return derive_seed("independent", task_name, seed, removed)
+    return derive_seed("init", task_name, seed)
+
+
+def order_seed(task_name: str, seed: int, removed: int | None, coupling: Coupling) -> int:
+    if coupling is Coupling.INDEPENDENT and removed is not None:
+        return derive_seed("independent_order", task_name, seed, removed)
+    return derive_seed("batch_order", task_name, seed)
+
+
+def permutations(n_train: int, epochs: int, order: int) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(order)
+    return [torch.randperm(n_train, generator=gen) for _ in range(epochs)]
+
+
+def build_schedule(
+    task_name: str, n_train: int, cfg: TrainConfig, seed: int, removed: int | None, coupling: Coupling
+) -> Schedule:
+    """The batch schedule of one run on the full-data step grid (T = epochs · ⌈N/B⌉ steps).
+
+    masked: the full run's batches with w = 0 at every slot holding ``removed``.
+    deleted / independent: each epoch's permutation with ``removed`` deleted, chunked into B;
+    a shorter last batch is padded with zero-weight slots that are not counted in B_{t}.
+    """
+    bsz, per_epoch = cfg.batch_size, steps_per_epoch(n_train, cfg.batch_size)
+    idx = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.long)
+    weight = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.float64)
+    denom = torch.zeros(cfg.epochs * per_epoch, dtype=torch.float64)
+    perms = permutations(n_train, cfg.epochs, order_seed(task_name, seed, removed, coupling))
+    for e, perm in enumerate(perms):
+        w_perm = torch.ones(n_train, dtype=torch.float64)
+        if removed is not None and coupling is Coupling.MASKED:
+            w_perm[perm == removed] = 0.0
+        elif removed is not None:
+            perm = perm[perm != removed]
+            w_perm = w_perm[: perm.numel()]
+        for j in range(per_epoch):
+            chunk = perm[j * bsz:(j + 1) * bsz]
+            t = e * per_epoch + j
+            idx[t, : chunk.numel()] = chunk
+            weight[t, : chunk.numel()] = w_perm[j * bsz:j * bsz + chunk.numel()]
+            denom[t] = chunk.numel()
+    return Schedule(idx=idx, weight=weight, denom=denom)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """theta [n, P] final parameters; checkpoints [n, E+1, P] at epoch ends (epoch 0 = init) or None;
+    failed [n] bool, True where the loss or parameters became non-finite."""
+
+    theta: Tensor
+    checkpoints: Tensor | None
+    failed: Tensor
+
+
+def shared_batch_groups(schedules: list[Schedule]) -> int:
+    """The largest m such that consecutive groups of m schedules share their batch indices."""
+    n = len(schedules)
+    for m in sorted({d for d in range(1, n + 1) if n % d == 0}, reverse=True):
+        if all(torch.equal(schedules[g * m].idx, schedules[g * m + j].idx)
+               for g in range(n // m) for j in range(1, m)):
+            return m
+    return 1
+
+
+def split_params(task: Task, theta: Tensor) -> dict[str, Tensor]:
+    """θ [n, P] → contiguous leaf tensors {name: [n, *shape]} (the engine's layout)."""
+    return {k: v.clone(memory_format=torch.contiguous_format) for k, v in task.unflatten(theta).items()}
+
+
+def join_params(params: dict[str, Tensor]) -> Tensor:
+    n = next(iter(params.values())).shape[0]
+    return torch.cat([p.reshape(n, -1) for p in params.values()], dim=1)
+
+
+def train_models(
+    task: Task, data: TaskData, cfg: TrainConfig, schedules: list[Schedule], theta0: Tensor,
+    record_checkpoints: bool = False,
+) -> TrainResult:
+    """Train n models at once: θ0 [n, P] on their own schedules; returns final θ and checkpoints.
+
+    One autograd graph over the model axis; its gradient splits per model because model n's loss
+    depends only on θ_n. Models whose schedules share batch indices (masked coupling: the 1+K runs of
+    one seed) are grouped so the first layer is one GEMM per group (``Task.logits_grouped``).
+    Updates are fused ``_foreach`` ops on per-parameter [n, ...] buffers.
+    """
+    n_models = theta0.shape[0]
+    group = shared_batch_groups(schedules)
+    device = data.x_train.device
+    idx = torch.stack([s.idx for s in schedules[::group]]).to(device)  # [G, T, B]
+    weight = torch.stack([s.weight for s in schedules]).to(theta0)  # [n, T, B]
+    denom = torch.stack([s.denom for s in schedules]).to(theta0)  # [n, T]
+    n_steps = idx.shape[1]
+    per_epoch = n_steps // cfg.epochs
+    lrs = learning_rates(cfg, n_steps).tolist()
+    all_active = bool((denom > 0).all())
+    params = split_params(task, theta0.detach())
+    names = list(params)
+    leaves = [params[k].requires_grad_(True) for k in names]
+    velocity = [torch.zeros_like(p) for p in leaves]
+    failed = torch.zeros(n_models, dtype=torch.bool, device=theta0.device)
+    ckpts = [theta0.detach().clone()] if record_checkpoints else None
+    wd, beta = cfg.weight_decay, cfg.momentum
+    for t in range(n_steps):
+        xb = data.x_train[idx[:, t]]  # [G, B, ...]
+        yb = data.y_train[idx[:, t]].repeat_interleave(group, dim=0)  # [n, B]
+        logits = task.logits_grouped(dict(zip(names, leaves)), xb)
+        losses = (cross_entropy(logits, yb) * weight[:, t]).sum(1) / denom[:, t].clamp(min=1)  # [n]
+        grads = torch.autograd.grad(losses.sum(), leaves)
+        with torch.no_grad():
+            if wd:
+                torch._foreach_add_(grads, leaves, alpha=wd)
+            if all_active or bool((denom[:, t] > 0).all()):
+                if beta:
+                    torch._foreach_mul_(velocity, beta)
+                    torch._foreach_add_(velocity, grads)
+                else:  # plain SGD: v_{t+1} = g_t
+                    torch._foreach_copy_(velocity, grads)
+                torch._foreach_add_(leaves, velocity, alpha=-lrs[t])
+            else:
+                mask = (denom[:, t] > 0).to(theta0.dtype)
+                for p, v, g in zip(leaves, velocity, grads):
+                    m = mask.view(-1, *([1] * (p.dim() - 1)))
+                    v.copy_(m * (beta * v + g) + (1 - m) * v)
+                    p.sub_(m * v, alpha=lrs[t])
+            failed |= ~torch.isfinite(losses)
+        if ckpts is not None and (t + 1) % per_epoch == 0:
+            ckpts.append(join_params({k: p.detach() for k, p in zip(names, leaves)}))
+    theta = join_params({k: p.detach() for k, p in zip(names, leaves)})
+    failed |= ~torch.isfinite(theta).all(1)
+    checkpoints = torch.stack(ckpts, dim=1) if ckpts is not None else None
+    return TrainResult(theta=theta, checkpoints=checkpoints, failed=failed)
+
+
+def initial_params(task: Task, seeds: list[int], dtype: torch.dtype, device: torch.device | str,
+                   removed: list[int | None] | None = None, coupling: Coupling = Coupling.MASKED) -> Tensor:
+    """θ0 [n, P] for runs (seed, removed) under a coupling; drawn on the CPU for device independence."""
+    removed = removed or [None] * len(seeds)
+    thetas = [task.init_params(torch.Generator().manual_seed(init_seed(task.name, s, r, coupling)), dtype)
+              for s, r in zip(seeds, removed)]
+    return torch.stack(thetas).to(device)
+
+
+def configure_determinism(device: torch.device) -> None:
+    """float32 means float32: TF32 off for matmul and cuDNN on CUDA."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``auto`` → cuda when present, else cpu."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise ValueError(f"--device must be one of: auto, cpu, cuda; got {name!r}")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    return torch.device(name)

@@ -1,0 +1,180 @@
+"""Many-seed leave-one-out ground truth: S seeds × (full + K removals) → measurements [S, 1+K, Q, M].
+
+Work is split into units of ``seeds_per_unit`` seeds; each unit is cached in the :class:`UnitStore`
+under a content key of everything that determines it (task scale, data, coupling, its seeds, targets,
+queries, dtype, device type) and *not* the total seed count, so a larger S reuses the smaller run's
+units. A killed run keeps every finished unit and resumes. A seed with any diverged run is dropped
+whole (a diverging removal run is an effect, not noise) and counted in ``n_failed``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from benchmark.config import CACHE_VERSION, Coupling, GroundTruthConfig, TaskScale, derive_seed
+from benchmark.engine import build_schedule, init_seed, initial_params, train_models
+from benchmark.store import UnitStore, atomic_write_bytes, content_key
+from tasks.base import Task, TaskData, cross_entropy
+
+
+@dataclass(frozen=True)
+class GroundTruth:
+    """measurements [S, 1+K, Q, M] (float64; column 0 is the full run), targets [K], queries [Q],
+    seeds [S] (or [S, 1+K] under independent coupling), theta_full [S, P], checkpoints [S, E+1, P],
+    diagnostics {name: [S]}; seeds whose runs diverged are already dropped (``n_failed`` of them)."""
+
+    measurements: np.ndarray
+    measurement_names: tuple[str, ...]
+    targets: np.ndarray
+    queries: np.ndarray
+    seeds: np.ndarray
+    coupling: Coupling
+    theta_full: Tensor
+    checkpoints: Tensor
+    diagnostics: dict[str, np.ndarray]
+    n_failed: int
+    key: str
+
+    @property
+    def full(self) -> np.ndarray:  # [S, Q, M]
+        return self.measurements[:, 0]
+
+    @property
+    def removed(self) -> np.ndarray:  # [S, K, Q, M]
+        return self.measurements[:, 1:]
+
+    @property
+    def run_seeds(self) -> list[int]:
+        return [int(s) for s in (self.seeds if self.seeds.ndim == 1 else self.seeds[:, 0])]
+
+    def export(self, path: Path) -> None:
+        """Write the raw arrays as ``ground_truth.npz`` (documented in the README)."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, measurements=self.measurements, measurement_names=np.array(self.measurement_names),
+                 targets=self.targets, queries=self.queries, seeds=self.seeds,
+                 coupling=np.array(self.coupling.value), n_failed=np.array(self.n_failed),
+                 **{f"diag_{k}": v for k, v in self.diagnostics.items()})
+        atomic_write_bytes(path, buf.getvalue())
+
+
+def select_targets_and_queries(data: TaskData, cfg: GroundTruthConfig, task_name: str) -> tuple[Tensor, Tensor]:
+    """Targets [K] ⊂ training indices and queries [Q] ⊂ test indices, uniform without replacement,
+    reproducible from ``selection_seed``."""
+    if cfg.n_targets > data.n_train:
+        raise ValueError(f"n_targets={cfg.n_targets} exceeds the training-set size N={data.n_train}")
+    n_test = int(data.y_test.shape[0])
+    if cfg.n_queries > n_test:
+        raise ValueError(f"n_queries={cfg.n_queries} exceeds the query pool of {n_test} test examples")
+    gen = torch.Generator().manual_seed(derive_seed("targets_queries", task_name, cfg.selection_seed))
+    targets = torch.randperm(data.n_train, generator=gen)[: cfg.n_targets].sort().values
+    queries = torch.randperm(n_test, generator=gen)[: cfg.n_queries].sort().values
+    return targets, queries
+
+
+def unit_key(task: Task, scale: TaskScale, seeds: list[int], targets: Tensor, queries: Tensor,
+             coupling: Coupling, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
+    scale_dict = asdict(scale)
+    scale_dict.pop("ground_truth")
+    config = {"version": CACHE_VERSION, "kind": "loo_ground_truth", "task": task.name, "scale": scale_dict,
+              "coupling": coupling.value, "seeds": seeds, "targets": targets.tolist(),
+              "queries": queries.tolist(), "dtype": str(dtype), "device": device.type}
+    return content_key(config), config
+
+
+def train_unit(task: Task, data: TaskData, scale: TaskScale, seeds: list[int], targets: Tensor,
+               queries: Tensor, coupling: Coupling, max_models: int = 1024) -> dict[str, Tensor]:
+    """Train the full and K removal runs of each seed; measure them on the queries.
+
+    Returns measurements [s, 1+K, Q, M], theta_full [s, P], checkpoints [s, E+1, P], failed [s, 1+K],
+    train_acc / test_acc / grad_norm [s] (diagnostics of the full runs).
+    """
+    removals: list[int | None] = [None, *targets.tolist()]
+    n_runs = len(removals)
+    seeds_per_batch = max(1, max_models // n_runs)
+    x_q, y_q = data.x_test[queries], data.y_test[queries]
+    meas, thetas, ckpts, failed = [], [], [], []
+    for start in range(0, len(seeds), seeds_per_batch):
+        chunk = seeds[start:start + seeds_per_batch]
+        run_seeds = [s for s in chunk for _ in removals]
+        run_removed = removals * len(chunk)
+        schedules = [build_schedule(task.name, data.n_train, scale.train, s, r, coupling)
+                     for s, r in zip(run_seeds, run_removed)]
+        theta0 = initial_params(task, run_seeds, data.x_train.dtype, data.x_train.device, run_removed, coupling)
+        result = train_models(task, data, scale.train, schedules, theta0, record_checkpoints=True)
+        with torch.no_grad():
+            m = task.measurements_batched(result.theta, x_q, y_q)  # [n, Q, M]
+        meas.append(m.view(len(chunk), n_runs, *m.shape[1:]))
+        thetas.append(result.theta.view(len(chunk), n_runs, -1)[:, 0])
+        ckpts.append(result.checkpoints.view(len(chunk), n_runs, *result.checkpoints.shape[1:])[:, 0])
+        failed.append(result.failed.view(len(chunk), n_runs) | ~torch.isfinite(m).view(len(chunk), n_runs, -1).all(-1))
+    theta_full = torch.cat(thetas)
+    out = {"measurements": torch.cat(meas), "theta_full": theta_full, "checkpoints": torch.cat(ckpts),
+           "failed": torch.cat(failed)}
+    out.update(full_run_diagnostics(task, data, scale, theta_full))
+    return {k: v.detach().cpu() for k, v in out.items()}
+
+
+def full_run_diagnostics(task: Task, data: TaskData, scale: TaskScale, theta: Tensor) -> dict[str, Tensor]:
+    """Per seed: train accuracy, test accuracy (query pool), ‖∇[(1/N)Σℓ_n + (wd/2)‖θ‖²]‖ at θ_T."""
+    n = theta.shape[0]
+    theta = theta.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = task.logits_batched(theta, data.x_train.unsqueeze(0).expand(n, *data.x_train.shape))
+        y = data.y_train.unsqueeze(0).expand(n, -1)
+        objective = cross_entropy(logits, y).mean(1) + 0.5 * scale.train.weight_decay * theta.pow(2).sum(1)
+        (grad,) = torch.autograd.grad(objective.sum(), theta)
+    with torch.no_grad():
+        test_logits = task.logits_batched(theta, data.x_test.unsqueeze(0).expand(n, *data.x_test.shape))
+        test_acc = (test_logits.argmax(-1) == data.y_test).double().mean(1)
+    return {"train_acc": (logits.argmax(-1) == y).double().mean(1).detach(), "test_acc": test_acc,
+            "grad_norm": grad.norm(dim=1).double()}
+
+
+def build_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: UnitStore,
+                       device: torch.device, progress: bool = True) -> GroundTruth:
+    """Compute (or load from the store) every unit of the ground truth and assemble it."""
+    cfg = scale.ground_truth
+    if cfg.coupling is Coupling.MASKED and not task.supports_masked:
+        raise ValueError(f"task {task.name!r} does not support coupling 'masked'; use deleted or independent")
+    targets, queries = select_targets_and_queries(data, cfg, task.name)
+    seeds = cfg.seeds
+    units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
+    parts, keys = [], []
+    bar = tqdm(units, desc=f"ground truth {task.name}", unit="unit", disable=not progress)
+    for unit_seeds in bar:
+        key, config = unit_key(task, scale, unit_seeds, targets, queries, cfg.coupling, data.x_train.dtype, device)
+        keys.append(key)
+        tensors = store.get(key, config)
+        if tensors is None:
+            tensors = train_unit(task, data, scale, unit_seeds, targets, queries, cfg.coupling)
+            store.put(key, config, tensors, kind="loo_ground_truth",
+                      tags={"task": task.name, "seeds": [unit_seeds[0], unit_seeds[-1]], "coupling": cfg.coupling.value})
+        parts.append(tensors)
+    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    failed_seed = cat["failed"].any(1).numpy()
+    if failed_seed.any():
+        warnings.warn(f"{int(failed_seed.sum())} seed(s) diverged (NaN/inf) and are dropped: "
+                      f"{np.asarray(seeds)[failed_seed].tolist()}", stacklevel=2)
+    keep = ~failed_seed
+    seed_arr = np.asarray(seeds)
+    if cfg.coupling is Coupling.INDEPENDENT:
+        seed_arr = np.array([[s] + [init_seed(task.name, s, int(k), cfg.coupling) for k in targets] for s in seeds],
+                            dtype=np.int64)  # [S, 1+K]: the full run's seed, then each removal run's init seed
+    return GroundTruth(
+        measurements=cat["measurements"].double().numpy()[keep],
+        measurement_names=task.measurement_names,
+        targets=targets.numpy(), queries=queries.numpy(), seeds=seed_arr[keep], coupling=cfg.coupling,
+        theta_full=cat["theta_full"][torch.as_tensor(keep)],
+        checkpoints=cat["checkpoints"][torch.as_tensor(keep)],
+        diagnostics={k: cat[k].double().numpy()[keep] for k in ("train_acc", "test_acc", "grad_norm")},
+        n_failed=int(failed_seed.sum()), key=content_key(keys),
+    )

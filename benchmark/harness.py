@@ -1,0 +1,250 @@
+"""Run one (task, scale): ground truth → methods → scores → leaderboard rows and raw arrays.
+
+Outputs under ``out/<task>/<scale>/``: ``ground_truth.npz``, ``predictions/<method>.npz``
+(``delta [S, K, Q, M]`` removed − full per seed), ``score_vs_seeds.csv``, ``paired_differences.csv``,
+``run_info.json``. Method predictions are cached in the unit store keyed by method, config and the
+ground truth's key, so a rerun only computes what changed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from benchmark import __version__
+from benchmark.config import CACHE_VERSION, Coupling, TaskScale
+from benchmark.engine import build_schedule, configure_determinism, initial_params, train_models
+from benchmark.ground_truth import GroundTruth, build_ground_truth
+from benchmark.registry import METHODS, TASKS
+from benchmark.scores import paired_difference_ci, score_method, score_vs_seeds
+from benchmark.store import UnitStore, atomic_write_bytes, atomic_write_text, content_key
+from methods.base import Method, RemovalContext
+from tasks.base import Task
+
+REFERENCE_METHODS = ("zero", "random")
+PAIRED_METRICS = ("loo_mean_spearman", "distribution_skill", "loo_seed_spearman")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    task: str
+    scale: str
+    methods: tuple[str, ...]
+    coupling: Coupling | None = None  # None: the scale's default
+    n_seeds: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    n_boot: int = 200
+    n_splits: int = 20
+    progress: bool = True
+
+
+class PeakRss:
+    """Samples this process's resident set size (Linux /proc) while a block runs; ``peak_mb`` after."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval, self.peak_mb, self._stop = interval, float("nan"), threading.Event()
+
+    @staticmethod
+    def current_mb() -> float:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = np.nanmax([self.peak_mb, self.current_mb()])
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> PeakRss:
+        self.peak_mb = self.current_mb()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = float(np.nanmax([self.peak_mb, self.current_mb()]))
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent.parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def resolve_scale(task_cls: type[Task], opts: RunOptions) -> TaskScale:
+    scale = task_cls.scales[opts.scale]
+    overrides: dict[str, Any] = {}
+    if opts.coupling is not None:
+        overrides["coupling"] = opts.coupling
+    if opts.n_seeds is not None:
+        overrides["n_seeds"] = opts.n_seeds
+    return scale.with_overrides(**overrides) if overrides else scale
+
+
+def time_one_training(task: Task, data: Any, scale: TaskScale) -> float:
+    """Wall time of one plain training run (seed 0, full data), in this process."""
+    sched = build_schedule(task.name, data.n_train, scale.train, 0, None, Coupling.MASKED)
+    theta0 = initial_params(task, [0], data.x_train.dtype, data.x_train.device)
+    start = time.perf_counter()
+    train_models(task, data, scale.train, [sched], theta0)
+    return time.perf_counter() - start
+
+
+def reference_delta(name: str, gt: GroundTruth) -> np.ndarray:
+    """Reference rows. ``zero``: Δ = 0. ``random``: N(0, σ²) with σ the spread of the true per-seed
+    effects of each (query, measurement), so it has the truth's scale and no information."""
+    true = gt.removed - gt.full[:, None]  # [S, K, Q, M]
+    if name == "zero":
+        return np.zeros_like(true)
+    rng = np.random.default_rng(12345)
+    sigma = true.std(axis=(0, 1), keepdims=True)
+    return rng.standard_normal(true.shape) * sigma
+
+
+def run_method(method: Method, ctx: RemovalContext, gt: GroundTruth, store: UnitStore
+               ) -> tuple[np.ndarray, float, float, dict]:
+    """Predictions [S, K, Q, M], runtime (s), peak RSS (MB) and info; cached in the store."""
+    config = {"version": CACHE_VERSION, "kind": "prediction", "method": method.name,
+              "config": method.config_dict(), "ground_truth": gt.key, "dtype": str(ctx.theta_full.dtype)}
+    key = content_key(config)
+    cached = store.get(key, config)
+    if cached is not None:
+        info = json.loads(bytes(cached["info_json"].tolist()).decode())
+        return cached["delta"].double().numpy(), float(cached["runtime_s"]), float(cached["peak_rss_mb"]), info
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        delta = method.predict(ctx).detach().cpu()
+        runtime = time.perf_counter() - start
+    info = {k: v for k, v in method.info.items()}
+    store.put(key, config, {"delta": delta, "runtime_s": torch.tensor(runtime), "peak_rss_mb": torch.tensor(rss.peak_mb),
+                            "info_json": torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)},
+              kind="prediction", tags={"method": method.name, "gt": gt.key[:8]})
+    return delta.double().numpy(), runtime, rss.peak_mb, info
+
+
+def save_npz(path: Path, **arrays: Any) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
+    """Everything for one (task, scale); returns leaderboard rows and writes the raw arrays."""
+    configure_determinism(opts.device)
+    task_cls = TASKS.get(opts.task)
+    scale = resolve_scale(task_cls, opts)
+    task = task_cls(scale)
+    data = task.load_data().to(opts.device, opts.dtype)
+    run_dir = out_dir / opts.task / opts.scale
+    info: dict[str, Any] = {"task": opts.task, "scale": opts.scale, "methods": {}}
+
+    start = time.perf_counter()
+    gt = build_ground_truth(task, data, scale, store, opts.device, progress=opts.progress)
+    info["ground_truth_s"] = time.perf_counter() - start
+    gt.export(run_dir / "ground_truth.npz")
+    train_one = time_one_training(task, data, scale)
+    info["train_one_s"] = train_one
+
+    ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=gt.theta_full.to(opts.device, opts.dtype),
+                         seeds=gt.run_seeds, targets=torch.as_tensor(gt.targets), queries=torch.as_tensor(gt.queries),
+                         coupling=gt.coupling)
+    common = {"task": opts.task, "scale": opts.scale, "coupling": gt.coupling.value,
+              "n_seeds": gt.measurements.shape[0], "n_targets": len(gt.targets), "n_queries": len(gt.queries),
+              "n_failed": gt.n_failed, "version": __version__, "commit": git_commit(),
+              "device": str(opts.device) if opts.device.type == "cpu" else torch.cuda.get_device_name(opts.device),
+              "torch_version": torch.__version__}
+    rows: list[dict] = []
+    predictions: dict[str, tuple[np.ndarray, bool]] = {}
+    replicates: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    for name in (*opts.methods, *REFERENCE_METHODS):
+        if name in REFERENCE_METHODS:
+            delta, runtime, peak, minfo, variant, is_dist = reference_delta(name, gt), 0.0, float("nan"), {}, \
+                "reference", True
+            config_hash = content_key(name)
+        else:
+            method = METHODS.get(name)()
+            if opts.progress:
+                print(f"[{opts.task}/{opts.scale}] method {name} …", flush=True)
+            delta, runtime, peak, minfo = run_method(method, ctx, gt, store)
+            variant, is_dist = method.variant(), method.is_distributional
+            config_hash = content_key(name, method.config_dict(), gt.key)
+        save_npz(run_dir / "predictions" / f"{name}.npz", delta=delta.astype(np.float32),
+                 measurement_names=np.array(gt.measurement_names))
+        info["methods"][name] = {"runtime_s": runtime, "peak_rss_mb": peak, **minfo}
+        predictions[name] = (delta, is_dist)
+        base = {**common, "method": name, "variant": variant, "distributional": is_dist, "runtime_s": runtime,
+                "peak_rss_mb": peak, "config_hash": config_hash}
+        method_rows, method_reps = score_rows(gt, delta, is_dist, base, opts)
+        rows += method_rows
+        replicates.update({(name, meas): reps for meas, reps in method_reps.items()})
+        rows.append({**base, "measurement": "all", "metric": "runtime_rel_training", "regime": "cost",
+                     "value": runtime / train_one})
+    write_curves_and_differences(gt, predictions, replicates, run_dir)
+    atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
+    return rows
+
+
+def score_rows(gt: GroundTruth, delta: np.ndarray, is_dist: bool, base: dict, opts: RunOptions
+               ) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:
+    """Leaderboard rows per measurement, and the bootstrap replicates {measurement: {metric: [n_boot]}}.
+    Every method uses bootstrap seed 0, so replicates are paired across methods."""
+    rows, reps = [], {}
+    for j, meas in enumerate(gt.measurement_names):
+        results = score_method(gt.full[..., j], gt.removed[..., j], delta[..., j], is_distributional=is_dist,
+                               n_splits=opts.n_splits, n_boot=opts.n_boot, seed=0)
+        reps[meas] = {r.metric: r.replicates for r in results}
+        for r in results:
+            rows.append({**base, "measurement": meas, "metric": r.metric, "regime": r.regime, "value": r.value,
+                         "ci_low": r.ci_low, "ci_high": r.ci_high, "noise_ceiling": r.noise_ceiling})
+    return rows, reps
+
+
+def write_curves_and_differences(gt: GroundTruth, predictions: dict[str, tuple[np.ndarray, bool]],
+                                 replicates: dict[tuple[str, str], dict[str, np.ndarray]], run_dir: Path) -> None:
+    """Score-vs-seeds curves for every method, and paired bootstrap differences between methods."""
+    curves, diffs = [], []
+    names = [n for n in predictions if n not in REFERENCE_METHODS]
+    for j, meas in enumerate(gt.measurement_names):
+        for name, (delta, is_dist) in predictions.items():
+            for row in score_vs_seeds(gt.full[..., j], gt.removed[..., j], delta[..., j], is_distributional=is_dist):
+                curves.append({"method": name, "measurement": meas, **row})
+        for i, a in enumerate(names):
+            for b in [*names[i + 1:], "zero"]:
+                ra, rb = replicates[(a, meas)], replicates[(b, meas)]
+                for metric in PAIRED_METRICS:
+                    if metric in ra and metric in rb:
+                        d, lo, hi = paired_difference_ci(ra[metric], rb[metric])
+                        diffs.append({"measurement": meas, "metric": metric, "method_a": a, "method_b": b,
+                                      "diff": d, "ci_low": lo, "ci_high": hi})
+    for name, frame in (("score_vs_seeds.csv", pd.DataFrame(curves)), ("paired_differences.csv", pd.DataFrame(diffs))):
+        buf = io.StringIO()
+        frame.to_csv(buf, index=False, float_format="%.6g")
+        atomic_write_bytes(run_dir / name, buf.getvalue().encode())
+
+
+def environment() -> dict[str, str]:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": str(torch.get_num_threads()),
+            "cpu_count": str(os.cpu_count())}

@@ -1,0 +1,88 @@
+"""The tidy leaderboard: schema defined once, atomic writes, and the CI regression check.
+
+Every row is one (task, scale, method, variant, measurement, metric). Later work adds rows, never
+ad-hoc columns; a change of columns bumps ``SCHEMA_VERSION``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from benchmark.store import atomic_write_bytes
+
+SCHEMA_VERSION = 1
+COLUMNS: tuple[str, ...] = (
+    "schema_version", "task", "scale", "method", "variant", "measurement", "metric", "regime", "coupling",
+    "value", "ci_low", "ci_high", "noise_ceiling", "n_seeds", "n_targets", "n_queries", "n_failed",
+    "distributional", "runtime_s", "peak_rss_mb", "config_hash", "version", "commit", "device", "torch_version",
+)
+# Scores where higher is better; the regression check applies to these only (never to runtime).
+HIGHER_IS_BETTER = {"loo_mean_spearman", "loo_mean_pearson", "var_influence_spearman", "w2_influence_spearman",
+                    "distribution_skill", "loo_seed_pearson", "loo_seed_spearman"}
+KEY_COLUMNS = ("task", "scale", "method", "variant", "measurement", "metric", "coupling")
+
+
+def to_frame(rows: list[dict]) -> pd.DataFrame:
+    """Rows → a DataFrame with exactly ``COLUMNS`` (missing values NaN); raises on unknown columns."""
+    extra = sorted({k for r in rows for k in r} - set(COLUMNS))
+    if extra:
+        raise ValueError(f"leaderboard rows have columns outside the schema: {extra}")
+    frame = pd.DataFrame(rows, columns=list(COLUMNS))
+    frame["schema_version"] = SCHEMA_VERSION
+    return frame
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False, float_format="%.6g")
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def merge_into(path: Path, frame: pd.DataFrame) -> pd.DataFrame:
+    """Replace the rows of (task, scale) present in ``frame`` inside an existing leaderboard at ``path``."""
+    if path.is_file():
+        old = pd.read_csv(path)
+        if "schema_version" in old and (old["schema_version"] != SCHEMA_VERSION).any():
+            old = old.iloc[0:0]  # an older schema is not mixed in
+        keys = set(zip(frame["task"], frame["scale"]))
+        old = old[[(t, s) not in keys for t, s in zip(old["task"], old["scale"])]]
+        frame = pd.concat([old, frame], ignore_index=True) if len(old) else frame
+    write_csv(frame, path)
+    return frame
+
+
+@dataclass(frozen=True)
+class Regression:
+    key: tuple
+    value: float
+    baseline_ci_low: float
+    threshold: float
+
+    def __str__(self) -> str:
+        return (f"{'/'.join(map(str, self.key))}: {self.value:.4f} < baseline ci_low {self.baseline_ci_low:.4f} "
+                f"− tol = {self.threshold:.4f}")
+
+
+def check_regression(current: pd.DataFrame, baseline_path: Path, tol: float = 0.05) -> list[Regression]:
+    """Rows of ``current`` whose higher-is-better score fell below the baseline's ``ci_low − tol``.
+
+    A baseline row with no matching current row is a regression too (a method or metric disappeared).
+    """
+    if not baseline_path.is_file():
+        raise FileNotFoundError(f"--check baseline {baseline_path} does not exist")
+    base = pd.read_csv(baseline_path)
+    base = base[base["metric"].isin(HIGHER_IS_BETTER) & base["ci_low"].notna()]
+    cur = {tuple(r[c] for c in KEY_COLUMNS): r["value"] for _, r in current.iterrows()}
+    out = []
+    for _, row in base.iterrows():
+        key = tuple(row[c] for c in KEY_COLUMNS)
+        threshold = float(row["ci_low"]) - tol
+        value = cur.get(key, np.nan)
+        if not np.isfinite(value) or value < threshold:
+            out.append(Regression(key, float(value), float(row["ci_low"]), threshold))
+    return out

@@ -1,0 +1,102 @@
+"""Unrolled differentiation (Mlodozeniec et al. 2025, d-TDA, §3 Remark 1 eq. (6); Alg. 1).
+
+Per seed s, the removal displacement is the tangent of the seed's own training trajectory with
+respect to the removal weight: example k's weight is w_k = 1 − ε in every batch it appears in, and
+
+    g_t   = (1/B)·Σ_i w_i ∇ℓ_i(θ_t) + wd·θ_t,   v_{t+1} = β v_t + g_t,   θ_{t+1} = θ_t − η_t v_{t+1}
+    r^v_{t+1} = β r^v_t + (Ĥ_{B_t} + wd·I) r^θ_t − (1/B)·𝟙[k∈B_t]·∇ℓ_k(θ_t)
+    r^θ_{t+1} = r^θ_t − η_t r^v_{t+1}
+
+so r^θ_T = dθ_T/dε at ε = 0 is the first-order effect of removing k (ε = 1), with source term
+(η_t/B)·𝟙[k∈B_t]·∇ℓ_k and **no further 1/N** (PAPERS.md §1.3: the paper's (1/N) r_UD with source
+(Nη/B)… is the same quantity). Prediction: Δm[s, k, q] = ∇m_q(θ_{s,T})ᵀ r^θ_{s,k,T}.
+
+Mode: forward (tangents batched over the K targets), because one tangent per target yields every
+measurement of every query at the end for free, and K ≤ Q·M in every scale here; reverse mode would
+need one adjoint per (query, measurement) pair. Cost: K Hessian-vector products per step.
+The tangent is computed with ``torch.func.jvp`` through the exact engine update (forward-over-reverse),
+vmapped over targets and over a chunk of seeds, on the full run's recorded batch schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import grad, jvp, vmap
+
+from benchmark.config import Coupling
+from benchmark.engine import build_schedule, initial_params, learning_rates
+from benchmark.registry import register_method
+from methods.base import Method, RemovalContext, measurement_grads
+
+
+@dataclass(frozen=True)
+class UnrollConfig:
+    seeds_per_chunk: int = 8  # seeds whose tangents are propagated together (memory ∝ chunk·K·P)
+
+    def __post_init__(self) -> None:
+        if self.seeds_per_chunk < 1:
+            raise ValueError(f"UnrollConfig.seeds_per_chunk must be >= 1, got {self.seeds_per_chunk}")
+
+
+@register_method("unroll")
+class Unroll(Method):
+    is_distributional = True
+    config_cls = UnrollConfig
+
+    def predict(self, ctx: RemovalContext) -> Tensor:
+        chunks = [list(range(i, min(i + self.config.seeds_per_chunk, len(ctx.seeds))))
+                  for i in range(0, len(ctx.seeds), self.config.seeds_per_chunk)]
+        return torch.cat([self._predict_chunk(ctx, c) for c in chunks])
+
+    def tangents(self, ctx: RemovalContext, seed_ids: list[int]) -> tuple[Tensor, Tensor]:
+        """Replays the seeds' training; returns θ_T [s, P] and r^θ_T [s, K, P]."""
+        task, data, cfg = ctx.task, ctx.data, ctx.scale.train
+        seeds = [ctx.seeds[i] for i in seed_ids]
+        dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
+        schedules = [build_schedule(task.name, ctx.n_train, cfg, s, None, Coupling.MASKED) for s in seeds]
+        idx = torch.stack([s.idx for s in schedules]).to(device)  # [s, T, B]
+        weight = torch.stack([s.weight for s in schedules]).to(device, dtype)
+        denom = torch.stack([s.denom for s in schedules]).to(device, dtype)
+        lrs = learning_rates(cfg, idx.shape[1]).tolist()
+        theta = initial_params(task, seeds, dtype, device)  # [s, P]
+        vel = torch.zeros_like(theta)
+        n_targets = ctx.targets.numel()
+        r_theta = theta.new_zeros(len(seeds), n_targets, theta.shape[1])  # [s, K, P]
+        r_vel = torch.zeros_like(r_theta)
+        targets = ctx.targets.to(device)
+        wd, beta = cfg.weight_decay, cfg.momentum
+
+        def update(th: Tensor, v: Tensor, w: Tensor, x: Tensor, y: Tensor, dn: Tensor, lr: float
+                   ) -> tuple[Tensor, Tensor]:
+            g = grad(lambda p: (task.per_example_loss(p, x, y) * w).sum() / dn)(th) + wd * th
+            v_new = beta * v + g
+            return th - lr * v_new, v_new
+
+        def tangent(th: Tensor, v: Tensor, w: Tensor, x: Tensor, y: Tensor, dn: Tensor, lr: float,
+                    rt: Tensor, rv: Tensor, dw: Tensor) -> tuple[Tensor, Tensor]:
+            return jvp(lambda a, b, c: update(a, b, c, x, y, dn, lr), (th, v, w), (rt, rv, dw))[1]
+
+        per_target = vmap(tangent, in_dims=(None, None, None, None, None, None, None, 0, 0, 0))
+        per_seed = vmap(per_target, in_dims=(0, 0, 0, 0, 0, 0, None, 0, 0, 0))
+        step = vmap(update, in_dims=(0, 0, 0, 0, 0, 0, None))
+        for t in range(idx.shape[1]):
+            x, y = data.x_train[idx[:, t]], data.y_train[idx[:, t]]  # [s, B, ...], [s, B]
+            dn = denom[:, t].clamp(min=1)
+            # d w / d ε = −1 at the slots holding target k (w = 1 − ε there): [s, K, B]
+            dw = -(idx[:, t].unsqueeze(1) == targets.view(1, -1, 1)).to(dtype) * weight[:, t].unsqueeze(1)
+            r_theta, r_vel = per_seed(theta, vel, weight[:, t], x, y, dn, lrs[t], r_theta, r_vel, dw)
+            theta, vel = step(theta, vel, weight[:, t], x, y, dn, lrs[t])
+        return theta, r_theta
+
+    def _predict_chunk(self, ctx: RemovalContext, seed_ids: list[int]) -> Tensor:
+        theta, r_theta = self.tangents(ctx, seed_ids)
+        drift = (theta - ctx.theta_full[seed_ids]).abs().max().item()
+        self.info["replay_max_abs_diff"] = max(self.info.get("replay_max_abs_diff", 0.0), drift)
+        out = []
+        for i in range(len(seed_ids)):
+            g_m = measurement_grads(ctx.task, theta[i], ctx.x_query, ctx.y_query)  # [Q, M, P]
+            out.append(torch.einsum("kp,qmp->kqm", r_theta[i], g_m))
+        return torch.stack(out)  # [s, K, Q, M]

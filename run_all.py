@@ -1,0 +1,127 @@
+"""dtda-bench: score attribution methods against many-seed leave-one-out retraining.
+
+    python run_all.py                                   # every task and method at the `small` scale
+    python run_all.py --scale smoke --check results/baselines/smoke.csv   # the CI regression check
+
+Writes results/leaderboard.csv, results/report.md (+ plots) and raw arrays under results/<task>/<scale>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import methods  # noqa: F401  (registers the methods)
+import tasks  # noqa: F401  (registers the tasks)
+from benchmark.config import Coupling, OptionError, Scale, parse_enum
+from benchmark.engine import resolve_device
+from benchmark.harness import REFERENCE_METHODS, RunOptions, run
+from benchmark.leaderboard import check_regression, merge_into, to_frame
+from benchmark.registry import METHODS, TASKS, UnknownNameError
+from benchmark.store import UnitStore
+
+
+def parse_list(value: str, registry_names: list[str], kind: str) -> tuple[str, ...]:
+    if value == "all":
+        return tuple(registry_names)
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    if not names:
+        raise OptionError(f"--{kind}s is empty; allowed: all, {', '.join(registry_names)}")
+    for n in names:
+        if n not in registry_names:
+            raise UnknownNameError(kind, n, registry_names)
+    if len(set(names)) != len(names):
+        raise OptionError(f"--{kind}s lists a {kind} twice: {value!r}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="all", help=f"comma-separated, or all ({', '.join(TASKS.names())})")
+    p.add_argument("--methods", default="all", help=f"comma-separated, or all ({', '.join(METHODS.names())})")
+    p.add_argument("--scale", default="small", help="smoke, small (default) or paper")
+    p.add_argument("--coupling", default=None, help="masked (default), deleted or independent")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds S (default: the scale's)")
+    p.add_argument("--out", default="results", help="output folder (default results/)")
+    p.add_argument("--cache", default=".cache/dtda", help="unit store folder (default .cache/dtda)")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--n-boot", type=int, default=200, help="bootstrap replicates for CIs")
+    p.add_argument("--check", default=None, help="baseline leaderboard CSV: exit 1 if a score regressed")
+    p.add_argument("--tol", type=float, default=0.05, help="regression tolerance below the baseline's ci_low")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path, Path]:
+    scale = parse_enum(Scale, args.scale, "--scale").value
+    coupling = parse_enum(Coupling, args.coupling, "--coupling") if args.coupling is not None else None
+    task_names = parse_list(args.tasks, TASKS.names(), "task")
+    method_names = parse_list(args.methods, METHODS.names(), "method")
+    if args.seeds is not None and args.seeds < 4:
+        raise OptionError(f"--seeds must be >= 4 (cross-fitting needs two halves of >= 2), got {args.seeds}")
+    if args.n_boot < 10:
+        raise OptionError(f"--n-boot must be >= 10, got {args.n_boot}")
+    device = resolve_device(args.device)
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise OptionError(f"--out {out} is not writable: {exc}") from None
+    opts = [RunOptions(task=t, scale=scale, methods=method_names, coupling=coupling, n_seeds=args.seeds,
+                       device=device, n_boot=args.n_boot, progress=not args.quiet) for t in task_names]
+    return opts, out, Path(args.cache)
+
+
+def print_leaderboard(frame) -> None:  # noqa: ANN001
+    view = frame[frame["regime"] != "cost"]
+    for (task, scale, meas), part in view.groupby(["task", "scale", "measurement"], sort=False):
+        print(f"\n== {task} / {scale} / {meas} (coupling {part['coupling'].iloc[0]}, S={part['n_seeds'].iloc[0]}, "
+              f"K={part['n_targets'].iloc[0]}, Q={part['n_queries'].iloc[0]}) ==")
+        cells = part.assign(cell=[f"{v:+.3f} [{lo:+.3f},{hi:+.3f}] c={c:.3f}" if v == v else "—"
+                                  for v, lo, hi, c in zip(part["value"], part["ci_low"], part["ci_high"],
+                                                          part["noise_ceiling"])])
+        table = cells.pivot_table(index="metric", columns="method", values="cell", aggfunc="first", sort=False)
+        order = [m for m in part["method"].unique() if m not in REFERENCE_METHODS] + list(REFERENCE_METHODS)
+        print(table[[m for m in order if m in table.columns]].to_string())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        opts, out, cache = options_from_args(args)
+        store = UnitStore(cache)
+    except (OptionError, UnknownNameError, ValueError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = []
+    for o in opts:
+        rows += run(o, out, store)
+    frame = merge_into(out / "leaderboard.csv", to_frame(rows))
+    if not args.no_report:
+        from benchmark.report import write_index, write_report
+
+        sections = [write_report(out, o.task, o.scale) for o in opts]
+        write_index(out, sections)
+    print_leaderboard(to_frame(rows))
+    print(f"\nleaderboard: {out / 'leaderboard.csv'}" + ("" if args.no_report else f"; report: {out / 'report.md'}"))
+    if args.check:
+        failures = check_regression(to_frame(rows), Path(args.check), args.tol)
+        if failures:
+            print(f"\nREGRESSION: {len(failures)} score(s) below baseline ci_low − {args.tol}:", file=sys.stderr)
+            for f in failures:
+                print(f"  {f}", file=sys.stderr)
+            return 1
+        print(f"regression check passed against {args.check} (tol {args.tol})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

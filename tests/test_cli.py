@@ -1,0 +1,117 @@
+"""The command line end to end on `smoke`: outputs, regression check, bad input, resume after kill -9.
+
+One smoke run is shared by the tests (module fixture) to keep CI fast. The committed baseline
+``results/baselines/smoke.csv`` is regenerated with
+``python run_all.py --scale smoke --out /tmp/b && cp /tmp/b/leaderboard.csv results/baselines/smoke.csv``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import run_all
+from benchmark.leaderboard import COLUMNS
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("smoke")
+    code = run_all.main(["--scale", "smoke", "--quiet", "--out", str(out / "results"), "--cache", str(out / "cache")])
+    assert code == 0
+    return out
+
+
+def test_smoke_outputs(smoke: Path) -> None:
+    res = smoke / "results"
+    board = pd.read_csv(res / "leaderboard.csv")
+    assert list(board.columns) == list(COLUMNS)
+    assert {"unroll", "influence", "zero", "random"} <= set(board["method"])
+    gt = np.load(res / "mnist_mlp/smoke/ground_truth.npz", allow_pickle=False)
+    s, k1, q, m = gt["measurements"].shape
+    assert (k1 - 1, q, m) == (len(gt["targets"]), len(gt["queries"]), 2) and s == 16
+    pred = np.load(res / "mnist_mlp/smoke/predictions/unroll.npz", allow_pickle=False)
+    assert pred["delta"].shape == (s, k1 - 1, q, m)
+    assert (res / "report.md").is_file() and (res / "mnist_mlp/smoke/score_vs_seeds.csv").is_file()
+    # reference rows score ≈ 0; zero's distribution_skill is exactly 0
+    zero = board[(board.method == "zero") & (board.metric == "distribution_skill")]
+    assert np.allclose(zero["value"], 0.0)
+    # every score row carries its ceiling
+    scores = board[board.regime != "cost"]
+    assert scores["noise_ceiling"].notna().all()
+
+
+def test_check_passes_on_committed_baseline_and_fails_on_doctored(smoke: Path, tmp_path: Path) -> None:
+    board = smoke / "results" / "leaderboard.csv"
+    assert run_all.check_regression(pd.read_csv(board), REPO / "results/baselines/smoke.csv") == []
+    doctored = pd.read_csv(REPO / "results/baselines/smoke.csv")
+    row = (doctored.method == "unroll") & (doctored.metric == "loo_seed_spearman") & (doctored.measurement == "loss")
+    doctored.loc[row, "ci_low"] = 0.99 + 0.05 + 1.0
+    path = tmp_path / "doctored.csv"
+    doctored.to_csv(path, index=False)
+    failures = run_all.check_regression(pd.read_csv(board), path)
+    assert len(failures) == 1 and "unroll" in str(failures[0]) and "loo_seed_spearman" in str(failures[0])
+
+
+def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -> None:
+    doctored = pd.read_csv(REPO / "results/baselines/smoke.csv")
+    doctored.loc[doctored.metric == "loo_mean_pearson", "ci_low"] = 2.0
+    doctored.to_csv(tmp_path / "b.csv", index=False)
+    args = ["--scale", "smoke", "--quiet", "--no-report", "--methods", "unroll,influence",
+            "--out", str(tmp_path / "r"), "--cache", str(smoke / "cache"), "--check", str(tmp_path / "b.csv")]
+    assert run_all.main(args) == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--methods", "infleunce"], "unknown method 'infleunce'; allowed: influence, unroll"),
+    (["--tasks", "cifar"], "unknown task 'cifar'; allowed: mnist_mlp"),
+    (["--scale", "huge"], "--scale must be one of: smoke, small, paper"),
+    (["--coupling", "paired"], "--coupling must be one of: masked, deleted, independent"),
+    (["--seeds", "2"], "--seeds must be >= 4"),
+    (["--device", "tpu"], "--device must be one of: auto, cpu, cuda"),
+    (["--methods", "unroll,unroll"], "lists a method twice"),
+])
+def test_bad_input_gives_clear_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str],
+                                     tmp_path: Path) -> None:
+    assert run_all.main([*args, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert run_all.main(["--out", str(blocker / "sub")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_resume_after_kill_recomputes_nothing(smoke: Path, tmp_path: Path) -> None:
+    """kill -9 a run after its first ground-truth unit lands; the rerun reuses it and equals a clean run."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cmd = [sys.executable, str(REPO / "run_all.py"), "--scale", "smoke", "--quiet", "--no-report",
+           "--methods", "unroll", "--out", str(out), "--cache", str(cache)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    units: list[Path] = []
+    while time.time() < deadline and not units:
+        units = list((cache / "units").glob("*/*.safetensors")) if (cache / "units").exists() else []
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert units, "no unit was written before the deadline"
+    before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (cache / "units").glob("*/*.safetensors")}
+    assert run_all.main(cmd[2:]) == 0
+    for p, stamp in before.items():  # nothing finished was recomputed or rewritten
+        assert (p.stat().st_ino, p.stat().st_mtime_ns) == stamp
+    resumed = np.load(out / "mnist_mlp/smoke/ground_truth.npz")["measurements"]
+    clean = np.load(smoke / "results/mnist_mlp/smoke/ground_truth.npz")["measurements"]
+    assert np.array_equal(resumed, clean)
