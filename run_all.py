@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for o in opts:
         rows += run(o, out, store)
-    frame = merge_into(out / "leaderboard.csv", to_frame(rows))
+    merge_into(out / "leaderboard.csv", to_frame(rows))
     if not args.no_report:
         from benchmark.report import write_index, write_report
 

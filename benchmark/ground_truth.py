@@ -156,8 +156,8 @@ def build_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: Unit
         tensors = store.get(key, config)
         if tensors is None:
             tensors = train_unit(task, data, scale, unit_seeds, targets, queries, cfg.coupling)
-            store.put(key, config, tensors, kind="loo_ground_truth",
-                      tags={"task": task.name, "seeds": [unit_seeds[0], unit_seeds[-1]], "coupling": cfg.coupling.value})
+            tags = {"task": task.name, "seeds": [unit_seeds[0], unit_seeds[-1]], "coupling": cfg.coupling.value}
+            store.put(key, config, tensors, kind="loo_ground_truth", tags=tags)
         parts.append(tensors)
     cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     failed_seed = cat["failed"].any(1).numpy()

@@ -139,9 +139,9 @@ def run_method(method: Method, ctx: RemovalContext, gt: GroundTruth, store: Unit
         delta = method.predict(ctx).detach().cpu()
         runtime = time.perf_counter() - start
     info = {k: v for k, v in method.info.items()}
-    store.put(key, config, {"delta": delta, "runtime_s": torch.tensor(runtime), "peak_rss_mb": torch.tensor(rss.peak_mb),
-                            "info_json": torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)},
-              kind="prediction", tags={"method": method.name, "gt": gt.key[:8]})
+    tensors = {"delta": delta, "runtime_s": torch.tensor(runtime), "peak_rss_mb": torch.tensor(rss.peak_mb),
+               "info_json": torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)}
+    store.put(key, config, tensors, kind="prediction", tags={"method": method.name, "gt": gt.key[:8]})
     return delta.double().numpy(), runtime, rss.peak_mb, info
 
 

@@ -67,6 +67,7 @@ _PRIMARY_METRIC = "loo_mean_spearman"
 _DASH = "—"
 _REF_GREYS: tuple[str, ...] = ("0.35", "0.55", "0.7")
 _DPI = 100
+_FILE_MODE = 0o644  # mkstemp creates 0o600; outputs are meant to be shared
 _SNR_THRESHOLD = 2.0
 _SIGN_SENTENCE = (
     "Sign convention: every effect is **removed minus full**, "
@@ -88,6 +89,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -120,6 +122,7 @@ def _save_figure(fig: Figure, path: Path) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=_DPI)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -280,6 +283,15 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return f"{float(x):.{digits}f}" if _finite(x) else _DASH
 
 
+def _fmt_t(x: float) -> str:
+    """A |t| statistic: two decimals, three significant digits when large, ∞ when infinite."""
+    if math.isinf(x):
+        return "∞"
+    if not math.isfinite(x):
+        return _DASH
+    return f"{x:.2f}" if abs(x) < 1000 else f"{x:.3g}"
+
+
 def _fmt_ci(value: Any, lo: Any, hi: Any, digits: int = 3) -> str:
     if not _finite(value):
         return _DASH
@@ -372,10 +384,11 @@ def _leaderboard_section(
     else:
         out += [
             (
-                "Cells are `value [bootstrap CI]`; the **noise ceiling** row is the same score for the oracle "
-                "`removed − full`, which knows each seed's realised effect (fixed-seed ceilings are 1 by "
-                "construction). `—` marks a score that is not defined for the method (ranking-only methods "
-                "have no distributional scores). Bold: best non-reference method per column; references "
+                "Cells are `value [bootstrap CI]`; the **noise ceiling** row is the same score for the "
+                "oracle `removed − full`, which knows each seed's realised effect (fixed-seed ceilings "
+                "are 1 by construction). `—` marks a score that is not defined for the method "
+                "(ranking-only methods have no distributional scores). Bold: best non-reference method "
+                "per column; references "
                 f"({', '.join(sorted(REFERENCE_METHODS))}) are listed last."
             ),
             "",
@@ -575,7 +588,8 @@ def _plot_loo_law(
         ax.set_ylim(len(rows) - 0.5, -0.5)
         ax.set_xlabel(names[j])
         ax.set_title(
-            f"target {_id(gt.targets, k)}, query {_id(gt.queries, q)}\ntrue mean effect {true_mean[k, q]:+.3g}",
+            f"target {_id(gt.targets, k)}, query {_id(gt.queries, q)}\n"
+            f"true mean effect {true_mean[k, q]:+.3g}",
             fontsize=9,
         )
     fig.suptitle(
@@ -685,7 +699,10 @@ def _read_off_score_vs_seeds(sub: pd.DataFrame) -> str:
     text = f"At n = {n_hi} seeds the noise ceiling of `{metric}` is {_fmt(c_hi)}"
     if not at_hi.empty:
         best = at_hi.loc[at_hi["value_mean"].idxmax()]
-        text += f" and the best method, {best['method']}, reaches {_fmt(best['value_mean'])} ± {_fmt(best['value_se'])}"
+        text += (
+            f" and the best method, {best['method']}, reaches "
+            f"{_fmt(best['value_mean'])} ± {_fmt(best['value_se'])}"
+        )
     text += "."
     if n_lo < n_hi and _finite(c_lo) and _finite(c_hi):
         trend = "rises" if c_hi > c_lo else "does not rise"
@@ -716,14 +733,15 @@ def _plot_snr(snr: Mapping[str, FloatArray], plot_dir: Path) -> Path | None:
     fig, axes = _new_figure(len(snr), ncols_max=4, panel=(3.8, 3.0))
     for ax, (name, t) in zip(axes, snr.items()):
         vals = t[~np.isnan(t)].ravel()
-        finite = vals[np.isfinite(vals)]
-        cap = float(finite.max()) * 1.05 if finite.size and finite.max() > 0 else 1.0
-        vals = np.minimum(vals, cap)
-        if vals.size:
-            ax.hist(vals, bins=30, color="C0", alpha=0.8)
+        positive = vals[np.isfinite(vals) & (vals > 0)]
+        lo = min(float(positive.min()), 0.5 * _SNR_THRESHOLD) if positive.size else 0.1 * _SNR_THRESHOLD
+        hi = max(float(positive.max()), 2.0 * _SNR_THRESHOLD) if positive.size else 10.0 * _SNR_THRESHOLD
+        if vals.size:  # zeros and infinities are clipped into the outermost bins
+            ax.hist(np.clip(vals, lo, hi), bins=np.geomspace(lo, hi * 1.0001, 31), color="C0", alpha=0.8)
+        ax.set_xscale("log")
         ax.axvline(_SNR_THRESHOLD, color="k", ls="--", lw=1)
-        frac = float(np.mean(t >= _SNR_THRESHOLD)) if t.size else math.nan
-        ax.set_title(f"{name}: {100 * frac:.0f}% with |t| ≥ {_SNR_THRESHOLD:g}", fontsize=10)
+        frac = float(np.mean(t > _SNR_THRESHOLD)) if t.size else math.nan
+        ax.set_title(f"{name}: {100 * frac:.0f}% with |t| > {_SNR_THRESHOLD:g}", fontsize=10)
         ax.set_xlabel("|t| of the paired effect per (target, query)")
         ax.set_ylabel("count")
     fig.tight_layout()
@@ -822,7 +840,7 @@ def _fmt_value(val: Any) -> str:
     if isinstance(val, int):
         return str(val)
     if isinstance(val, float):
-        return f"{val:.4g}"
+        return f"{val:.4g}" if math.isfinite(val) else _DASH
     if isinstance(val, (list, tuple)):
         text = json.dumps(val)
         return text if len(text) <= 80 else text[:77] + "..."
@@ -916,9 +934,9 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     if mean_plots:
         lines += [
             (
-                "True: mean over seeds of `removed − full` per (target, query); predicted: mean over seeds of the "
-                "method's `delta`. Dashed line: y = x (omitted for ranking-only methods, whose scale is arbitrary); "
-                "r is Pearson's correlation over all (target, query) pairs."
+                "True: mean over seeds of `removed − full` per (target, query); predicted: mean over seeds "
+                "of the method's `delta`. Dashed line: y = x (omitted for ranking-only methods, whose scale "
+                "is arbitrary); r is Pearson's correlation over all (target, query) pairs."
             ),
             "",
         ]
@@ -936,9 +954,9 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
             "## LOO laws of the most-affected pairs",
             "",
             (
-                f"The three (target, query) pairs with the largest |true mean effect| on `{meas}`: the full-run "
-                "samples m_q(θ_s), the true removed samples, and each distributional method's predicted LOO "
-                "samples m_q(θ_s) + delta[s, k, q]."
+                f"The three (target, query) pairs with the largest |true mean effect| on `{meas}`: the "
+                "full-run samples m_q(θ_s), the true removed samples, and each distributional method's "
+                "predicted LOO samples m_q(θ_s) + delta[s, k, q]."
             ),
             "",
             f"![LOO law {meas}]({_rel(path, base)})",
@@ -967,8 +985,8 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     else:
         lines += [
             (
-                "Each score (mean ± SE over random seed subsets) against the number of seeds n it is computed "
-                "from; dashed black: the noise ceiling (oracle) at the same n."
+                "Each score (mean ± SE over random seed subsets) against the number of seeds n it is "
+                "computed from; dashed black: the noise ceiling (oracle) at the same n."
             ),
             "",
         ]
@@ -988,17 +1006,20 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
         )
         lines += [
             (
-                f"Per (target, query): |t| = |mean_s(removed − full)| / (sd_s / √S) of the paired effect{paired}. "
-                f"A pair is detectable at 2 SE when |t| ≥ {_SNR_THRESHOLD:g}."
+                "Per (target, query): |t| = |mean_s(removed − full)| / (sd_s / √S) of the paired "
+                f"effect{paired}. "
+                f"A pair is detectable at 2 SE when |t| > {_SNR_THRESHOLD:g}."
             ),
             "",
             _md_table(
-                ["measurement", "median |t|", "detectable (|t| ≥ 2)", "pairs"],
+                ["measurement", "median |t|", "detectable (|t| > 2)", "pairs"],
                 [
                     [
                         name,
-                        _fmt(float(np.nanmedian(t)), 2) if t.size else _DASH,
-                        f"{100 * float(np.mean(t >= _SNR_THRESHOLD)):.1f}%",
+                        _fmt_t(float(np.nanmedian(t)))
+                        if np.isfinite(t).any() or np.isinf(t).any()
+                        else _DASH,
+                        f"{100 * float(np.mean(t > _SNR_THRESHOLD)):.1f}%",
                         str(t.size),
                     ]
                     for name, t in snr.items()
@@ -1091,10 +1112,11 @@ def write_index(out_dir: Path, sections: list[Path]) -> Path:
         _SIGN_SENTENCE,
         "",
         (
-            "Two scoring regimes: **distributional** scores are cross-fitted (the truth from one half of the "
-            "seeds, the method from the other), **fixed-seed** scores correlate per-seed predictions with the "
-            "realised per-seed effects. Every score comes with its **noise ceiling**, the same score for the "
-            "oracle `removed − full`, which bounds what any per-seed predictor can reach with this many seeds. "
+            "Two scoring regimes: **distributional** scores are cross-fitted (the truth from one half of "
+            "the seeds, the method from the other), **fixed-seed** scores correlate per-seed predictions "
+            "with the realised per-seed effects. Every score comes with its **noise ceiling**, the same "
+            "score for the oracle `removed − full`, which bounds what any per-seed predictor can reach "
+            "with this many seeds. "
             "The raw data are in `leaderboard.csv` and under `<task>/<scale>/`."
         ),
         "",

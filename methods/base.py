@@ -11,7 +11,6 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
@@ -72,8 +71,11 @@ class Method(ABC):
 
 
 def measurement_grads(task: Task, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """∇_θ m_{q,j}(θ), [Q, M, P] for one model θ [P]."""
-    return jacrev(lambda th: task.measurements(th, x, y))(theta)
+    """∇_θ m_{q,j}(θ), [Q, M, P] for one model θ [P] (per query: vmap over queries of a one-query jacrev)."""
+    def one(th: Tensor, xi: Tensor, yi: Tensor) -> Tensor:
+        return task.measurements(th, xi.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)  # [M]
+
+    return vmap(jacrev(one), in_dims=(None, 0, 0))(theta, x, y)
 
 
 def example_loss_grads(task: Task, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:

@@ -97,12 +97,11 @@ class MnistMlp(Task):
     def init_params(self, gen: torch.Generator, dtype: torch.dtype) -> Tensor:
         """PyTorch's ``nn.Linear`` default: U(−1/√fan_in, 1/√fan_in) for weights and biases."""
         parts = []
+        fan_in = 1
         for name, shape in self.param_shapes():
-            fan_in = shape[1] if name.startswith("w") else None
-            if fan_in is None:  # bias: fan_in of the preceding weight
-                fan_in = prev_fan_in
+            if name.startswith("w"):
+                fan_in = shape[1]  # a bias uses the fan-in of the weight before it
             bound = 1.0 / math.sqrt(fan_in)
-            prev_fan_in = fan_in
             parts.append((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).reshape(-1))
         return torch.cat(parts).to(dtype)
 

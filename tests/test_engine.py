@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from benchmark.config import Coupling, TrainConfig
-from benchmark.engine import build_schedule, init_seed, initial_params, learning_rates, permutations, order_seed, train_models
+from benchmark.engine import (
+    build_schedule,
+    init_seed,
+    initial_params,
+    learning_rates,
+    order_seed,
+    permutations,
+    train_models,
+)
 from benchmark.reference_training import train_torch_loop, train_vmap_ensemble
 from tests.conftest import ENGINE_ATOL, make_task, tiny_scale
 

@@ -12,8 +12,15 @@ from methods.base import RemovalContext
 from methods.influence import Curvature, Influence, InfluenceConfig, Solver
 from methods.unroll import Unroll
 from tests.conftest import (
-    DENSE_CG_RTOL, EXACT_INFLUENCE, GLM_PEARSON_MIN, SIGN_PEARSON_MIN, UD_IF_RTOL, UNROLL_FD_RTOL, GlmProblem,
-    make_task, tiny_scale,
+    DENSE_CG_RTOL,
+    EXACT_INFLUENCE,
+    GLM_PEARSON_MIN,
+    SIGN_PEARSON_MIN,
+    UD_IF_RTOL,
+    UNROLL_FD_RTOL,
+    GlmProblem,
+    make_task,
+    tiny_scale,
 )
 
 
@@ -117,13 +124,18 @@ def test_dense_and_cg_agree() -> None:
         ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=theta, seeds=seeds,
                              targets=torch.arange(n_targets), queries=torch.arange(5))
         dense = Influence(InfluenceConfig(solver=Solver.DENSE)).predict(ctx)
-        cg_method = Influence(InfluenceConfig(solver=Solver.CG, cg_rtol=1e-10))
-        cg = cg_method.predict(ctx)
-        assert float((dense - cg).abs().max() / dense.abs().max()) < DENSE_CG_RTOL
+        for rank in (0, 32):  # plain CG and Nyström-preconditioned CG
+            cg_method = Influence(InfluenceConfig(solver=Solver.CG, cg_rtol=1e-10, nystrom_rank=rank, exact_trace=True))
+            cg = cg_method.predict(ctx)
+            assert float((dense - cg).abs().max() / dense.abs().max()) < DENSE_CG_RTOL
     # negative control: a different damping changes the answer beyond the tolerance
-    other = Influence(InfluenceConfig(solver=Solver.CG, damping_scale=1.0)).predict(ctx)
+    other = Influence(InfluenceConfig(solver=Solver.CG, damping_scale=1.0, exact_trace=True)).predict(ctx)
     assert float((dense - other).abs().max() / dense.abs().max()) > DENSE_CG_RTOL
     assert cg_method.info["damping_over_mean_eig"] == pytest.approx(0.1)
+    # Hutchinson's trace from the sketch: λ within a few percent of the exact one
+    sketched = Influence(InfluenceConfig(solver=Solver.CG, nystrom_rank=64))
+    sketched.predict(ctx)
+    assert sketched.info["damping_mean"] == pytest.approx(cg_method.info["damping_mean"], rel=0.25)
 
 
 def test_pseudo_inverse_and_option_errors(glm: GlmProblem) -> None:
