@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -93,6 +94,8 @@ def print_leaderboard(frame) -> None:  # noqa: ANN001
 
 
 def main(argv: list[str] | None = None) -> int:
+    # raised inside torch itself on the first torch.func call; nothing for a user to act on
+    warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         opts, out, cache = options_from_args(args)

@@ -11,7 +11,7 @@ import hashlib
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-CACHE_VERSION = 1  # bump when the stored format or the maths of a cached unit changes
+CACHE_VERSION = 2  # bump when the stored format or the maths of a cached unit changes
 
 
 class OptionError(ValueError):

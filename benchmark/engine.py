@@ -167,9 +167,9 @@ def train_models(
                 if beta:
                     torch._foreach_mul_(velocity, beta)
                     torch._foreach_add_(velocity, grads)
-                else:  # plain SGD: v_{t+1} = g_t
-                    torch._foreach_copy_(velocity, grads)
-                torch._foreach_add_(leaves, velocity, alpha=-lrs[t])
+                    torch._foreach_add_(leaves, velocity, alpha=-lrs[t])
+                else:  # plain SGD: v_{t+1} = g_t, no buffer needed
+                    torch._foreach_add_(leaves, grads, alpha=-lrs[t])
             else:
                 mask = (denom[:, t] > 0).to(theta0.dtype)
                 for p, v, g in zip(leaves, velocity, grads):

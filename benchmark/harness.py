@@ -170,7 +170,7 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
 
     ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=gt.theta_full.to(opts.device, opts.dtype),
                          seeds=gt.run_seeds, targets=torch.as_tensor(gt.targets), queries=torch.as_tensor(gt.queries),
-                         coupling=gt.coupling)
+                         coupling=gt.coupling, progress=opts.progress)
     common = {"task": opts.task, "scale": opts.scale, "coupling": gt.coupling.value,
               "n_seeds": gt.measurements.shape[0], "n_targets": len(gt.targets), "n_queries": len(gt.queries),
               "n_failed": gt.n_failed, "version": __version__, "commit": git_commit(),

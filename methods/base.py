@@ -32,6 +32,7 @@ class RemovalContext:
     targets: Tensor
     queries: Tensor
     coupling: Coupling = Coupling.MASKED
+    progress: bool = False  # show progress bars
 
     @property
     def n_train(self) -> int:  # N
@@ -67,7 +68,13 @@ class Method(ABC):
         return dict(self.config)
 
     def variant(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.config_dict().items()) or "default"
+        """The config fields that differ from their defaults (``default`` if none); the leaderboard's
+        ``config_hash`` identifies the full config."""
+        defaults = Method.__new__(type(self))
+        Method.__init__(defaults)
+        base = defaults.config_dict()
+        changed = {k: v for k, v in self.config_dict().items() if base.get(k) != v}
+        return ",".join(f"{k}={v}" for k, v in changed.items()) or "default"
 
 
 def measurement_grads(task: Task, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.func import jacrev, jvp, vjp, vmap
+from tqdm.auto import tqdm
 
 from benchmark.config import OptionError, parse_enum
 from benchmark.registry import register_method
@@ -47,7 +48,7 @@ class InfluenceConfig:
     solver: Solver = Solver.AUTO
     pseudo_inverse: bool = False
     pinv_rtol: float = 1e-8
-    cg_rtol: float = 1e-4
+    cg_rtol: float = 1e-3  # relative residual; vs 1e-5 the predictions moved by 4e-4 (relative) at `small`
     cg_max_iter: int = 500
     nystrom_rank: int = 256  # rank of the randomized Nyström preconditioner for CG; 0 = plain CG
     exact_trace: bool = False  # CG: tr(H) exactly (per-example Jacobians) instead of Hutchinson on the sketch
@@ -210,8 +211,9 @@ class Influence(Method):
             raise OptionError("solver 'cg' needs a positive-definite system: use curvature 'ggn' "
                               "or solver 'dense' with curvature 'hessian'")
         out, lambdas, ratios, iters = [], [], [], []
-        for s in range(ctx.theta_full.shape[0]):
-            theta = ctx.theta_full[s]
+        for s in tqdm(range(ctx.theta_full.shape[0]), desc="influence", unit="seed", disable=not ctx.progress):
+            # own storage: forward-mode AD on a view of the [S, P] stack pays for the whole base (2.3× slower)
+            theta = ctx.theta_full[s].clone()
             g_k = example_loss_grads(ctx.task, theta, ctx.data.x_train[ctx.targets], ctx.data.y_train[ctx.targets])
             g_m = measurement_grads(ctx.task, theta, ctx.x_query, ctx.y_query)  # [Q, M, P]
             if solver is Solver.DENSE:

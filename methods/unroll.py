@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
+from tqdm.auto import tqdm
 
 from benchmark.config import Coupling
 from benchmark.engine import build_schedule, initial_params, learning_rates
@@ -49,7 +50,8 @@ class Unroll(Method):
     def predict(self, ctx: RemovalContext) -> Tensor:
         chunks = [list(range(i, min(i + self.config.seeds_per_chunk, len(ctx.seeds))))
                   for i in range(0, len(ctx.seeds), self.config.seeds_per_chunk)]
-        return torch.cat([self._predict_chunk(ctx, c) for c in chunks])
+        bar = tqdm(chunks, desc="unroll", unit="chunk", disable=not ctx.progress)
+        return torch.cat([self._predict_chunk(ctx, c) for c in bar])
 
     def tangents(self, ctx: RemovalContext, seed_ids: list[int]) -> tuple[Tensor, Tensor]:
         """Replays the seeds' training; returns θ_T [s, P] and r^θ_T [s, K, P]."""
@@ -97,6 +99,6 @@ class Unroll(Method):
         self.info["replay_max_abs_diff"] = max(self.info.get("replay_max_abs_diff", 0.0), drift)
         out = []
         for i in range(len(seed_ids)):
-            g_m = measurement_grads(ctx.task, theta[i], ctx.x_query, ctx.y_query)  # [Q, M, P]
+            g_m = measurement_grads(ctx.task, theta[i].clone(), ctx.x_query, ctx.y_query)  # [Q, M, P]
             out.append(torch.einsum("kp,qmp->kqm", r_theta[i], g_m))
         return torch.stack(out)  # [s, K, Q, M]

@@ -106,31 +106,34 @@ class MnistMlp(Task):
         return torch.cat(parts).to(dtype)
 
     def logits_batched(self, theta: Tensor, x: Tensor) -> Tensor:
-        """h_{l+1} = act(h_l W_lᵀ + b_l), last layer linear; [n, B, C] via batched matmuls."""
-        p = self.unflatten(theta)
-        return self._forward_from(p, x, first=0)
+        """h_{l+1} = act(W_l h_l + b_l), last layer linear; logits [n, B, C] from θ [n, P], x [n, B, D].
+
+        Computed feature-major (hᵀ [n, H, B]) so every bmm takes W in its natural [out, in] layout.
+        """
+        return self._forward_t(self.unflatten(theta), x.transpose(1, 2), first=0)
 
     def logits_grouped(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
         """Logits [n, B, C] where models g·m … g·m+m−1 share inputs x[g], x [G, B, D], n = G·m.
 
-        The first layer is one GEMM per group: x[g] [B, D] @ [W_{g·m}; …; W_{g·m+m−1}]ᵀ [D, m·H].
-        Requires each weight as a contiguous [n, out, in] tensor (the engine's layout).
+        The first layer is one GEMM per group, [W_{g·m}; …; W_{g·m+m−1}] [m·H, D] @ x[g]ᵀ [D, B], whose
+        output [G, m·H, B] is already the per-model hᵀ [n, H, B] (a view, no copy). Requires each weight
+        as a contiguous [n, out, in] tensor (the engine's layout).
         """
-        n_groups, bsz = x.shape[0], x.shape[1]
+        n_groups = x.shape[0]
         w0, b0 = params["w0"], params["b0"]
         n, hid = w0.shape[0], w0.shape[1]
-        m = n // n_groups
-        h = torch.bmm(x, w0.view(n_groups, m * hid, -1).transpose(1, 2))  # [G, B, m·H]
-        h = h.view(n_groups, bsz, m, hid).transpose(1, 2).reshape(n, bsz, hid) + b0.unsqueeze(1)
-        return self._forward_from(params, h, first=1)
+        h_t = torch.bmm(w0.view(n_groups, (n // n_groups) * hid, -1), x.transpose(1, 2))  # [G, m·H, B]
+        h_t = h_t.view(n, hid, -1) + b0.unsqueeze(-1)
+        return self._forward_t(params, h_t, first=1)
 
-    def _forward_from(self, p: dict[str, Tensor], h: Tensor, first: int) -> Tensor:
+    def _forward_t(self, p: dict[str, Tensor], h_t: Tensor, first: int) -> Tensor:
+        """Layers ``first``… on feature-major activations hᵀ [n, H, B]; returns logits [n, B, C]."""
         act = _ACTIVATIONS[self.scale.model.activation]
         n_layers = len(self.layer_sizes()) - 1
         if first == 1 and n_layers > 1:
-            h = act(h)
+            h_t = act(h_t)
         for i in range(first, n_layers):
-            h = torch.baddbmm(p[f"b{i}"].unsqueeze(1), h, p[f"w{i}"].transpose(1, 2))
+            h_t = torch.baddbmm(p[f"b{i}"].unsqueeze(-1), p[f"w{i}"], h_t)
             if i < n_layers - 1:
-                h = act(h)
-        return h
+                h_t = act(h_t)
+        return h_t.transpose(1, 2)
