@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
-    code = run_all.main(["--scale", "smoke", "--quiet", "--out", str(out / "results"), "--cache", str(out / "cache")])
+    code = run_all.main(["--scale", "smoke", "--quiet", "--device", "cpu", "--out", str(out / "results"),
+                         "--cache", str(out / "cache")])
     assert code == 0
     return out
 
@@ -67,7 +68,7 @@ def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -
     doctored = pd.read_csv(REPO / "results/baselines/smoke.csv")
     doctored.loc[doctored.metric == "loo_mean_pearson", "ci_low"] = 2.0
     doctored.to_csv(tmp_path / "b.csv", index=False)
-    args = ["--scale", "smoke", "--quiet", "--no-report", "--methods", "unroll,influence",
+    args = ["--scale", "smoke", "--quiet", "--no-report", "--device", "cpu", "--methods", "unroll,influence",
             "--out", str(tmp_path / "r"), "--cache", str(smoke / "cache"), "--check", str(tmp_path / "b.csv")]
     assert run_all.main(args) == 1
 
@@ -97,7 +98,7 @@ def test_unwritable_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 def test_resume_after_kill_recomputes_nothing(smoke: Path, tmp_path: Path) -> None:
     """kill -9 a run after its first ground-truth unit lands; the rerun reuses it and equals a clean run."""
     cache, out = tmp_path / "cache", tmp_path / "out"
-    cmd = [sys.executable, str(REPO / "run_all.py"), "--scale", "smoke", "--quiet", "--no-report",
+    cmd = [sys.executable, str(REPO / "run_all.py"), "--scale", "smoke", "--quiet", "--no-report", "--device", "cpu",
            "--methods", "unroll", "--out", str(out), "--cache", str(cache)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
