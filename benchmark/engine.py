@@ -116,6 +116,11 @@ def shared_batch_groups(schedules: list[Schedule]) -> int:
     return 1
 
 
+def beta_is_used(cfg: TrainConfig) -> bool:
+    """Whether the update needs a velocity buffer (heavy-ball momentum β > 0)."""
+    return cfg.momentum > 0
+
+
 def split_params(task: Task, theta: Tensor) -> dict[str, Tensor]:
     """θ [n, P] → contiguous leaf tensors {name: [n, *shape]} (the engine's layout)."""
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in task.unflatten(theta).items()}
@@ -150,7 +155,7 @@ def train_models(
     params = split_params(task, theta0.detach())
     names = list(params)
     leaves = [params[k].requires_grad_(True) for k in names]
-    velocity = [torch.zeros_like(p) for p in leaves]
+    velocity = [torch.zeros_like(p) for p in leaves] if beta_is_used(cfg) else []
     failed = torch.zeros(n_models, dtype=torch.bool, device=theta0.device)
     ckpts = [theta0.detach().clone()] if record_checkpoints else None
     wd, beta = cfg.weight_decay, cfg.momentum
@@ -172,10 +177,12 @@ def train_models(
                     torch._foreach_add_(leaves, grads, alpha=-lrs[t])
             else:
                 mask = (denom[:, t] > 0).to(theta0.dtype)
-                for p, v, g in zip(leaves, velocity, grads):
+                for i, (p, g) in enumerate(zip(leaves, grads)):
                     m = mask.view(-1, *([1] * (p.dim() - 1)))
-                    v.copy_(m * (beta * v + g) + (1 - m) * v)
-                    p.sub_(m * v, alpha=lrs[t])
+                    if beta:  # inactive models keep v; active ones take v ← βv + g
+                        velocity[i].copy_(m * (beta * velocity[i] + g) + (1 - m) * velocity[i])
+                        g = velocity[i]
+                    p.sub_(m * g, alpha=lrs[t])
             failed |= ~torch.isfinite(losses)
         if ckpts is not None and (t + 1) % per_epoch == 0:
             ckpts.append(join_params({k: p.detach() for k, p in zip(names, leaves)}))

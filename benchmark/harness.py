@@ -138,7 +138,7 @@ def run_method(method: Method, ctx: RemovalContext, gt: GroundTruth, store: Unit
         start = time.perf_counter()
         delta = method.predict(ctx).detach().cpu()
         runtime = time.perf_counter() - start
-    info = {k: v for k, v in method.info.items()}
+    info = dict(method.info)
     tensors = {"delta": delta, "runtime_s": torch.tensor(runtime), "peak_rss_mb": torch.tensor(rss.peak_mb),
                "info_json": torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)}
     store.put(key, config, tensors, kind="prediction", tags={"method": method.name, "gt": gt.key[:8]})
@@ -181,9 +181,8 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
     replicates: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name in (*opts.methods, *REFERENCE_METHODS):
         if name in REFERENCE_METHODS:
-            delta, runtime, peak, minfo, variant, is_dist = reference_delta(name, gt), 0.0, float("nan"), {}, \
-                "reference", True
-            config_hash = content_key(name)
+            delta, runtime, peak, minfo = reference_delta(name, gt), 0.0, float("nan"), {}
+            variant, is_dist, config_hash = "reference", True, content_key(name)
         else:
             method = METHODS.get(name)()
             if opts.progress:
