@@ -81,7 +81,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path,
 
 
 def print_leaderboard(frame) -> None:  # noqa: ANN001
-    view = frame[frame["regime"] != "cost"]
+    view = frame[frame["regime"].isin(["distributional", "fixed_seed"])]
     for (task, scale, meas), part in view.groupby(["task", "scale", "measurement"], sort=False):
         print(f"\n== {task} / {scale} / {meas} (coupling {part['coupling'].iloc[0]}, S={part['n_seeds'].iloc[0]}, "
               f"K={part['n_targets'].iloc[0]}, Q={part['n_queries'].iloc[0]}) ==")

@@ -201,6 +201,8 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         replicates.update({(name, meas): reps for meas, reps in method_reps.items()})
         rows.append({**base, "measurement": "all", "metric": "runtime_rel_training", "regime": "cost",
                      "value": runtime / train_one})
+        rows += [{**base, "measurement": "all", "metric": key, "regime": "info", "value": float(value)}
+                 for key, value in minfo.items() if isinstance(value, (int, float))]  # e.g. λ, λ/mean eigenvalue
     write_curves_and_differences(gt, predictions, replicates, run_dir)
     atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
     return rows

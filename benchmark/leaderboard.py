@@ -1,7 +1,9 @@
 """The tidy leaderboard: schema defined once, atomic writes, and the CI regression check.
 
 Every row is one (task, scale, method, variant, measurement, metric). Later work adds rows, never
-ad-hoc columns; a change of columns bumps ``SCHEMA_VERSION``.
+ad-hoc columns; a change of columns bumps ``SCHEMA_VERSION``. Regimes: ``distributional`` and
+``fixed_seed`` (scores, with ``noise_ceiling``), ``cost`` (``runtime_rel_training``) and ``info`` (what a
+method logged for that run, e.g. influence's ``damping_mean`` = λ and ``damping_over_mean_eig``).
 """
 
 from __future__ import annotations

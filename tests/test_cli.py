@@ -48,8 +48,11 @@ def test_smoke_outputs(smoke: Path) -> None:
     zero = board[(board.method == "zero") & (board.metric == "distribution_skill")]
     assert np.allclose(zero["value"], 0.0)
     # every score row carries its ceiling
-    scores = board[board.regime != "cost"]
+    scores = board[board.regime.isin(["distributional", "fixed_seed"])]
     assert scores["noise_ceiling"].notna().all()
+    # influence logs its damping per run as rows: λ and λ / mean eigenvalue (default 0.1)
+    info = board[(board.method == "influence") & (board.regime == "info")].set_index("metric")["value"]
+    assert info["damping_over_mean_eig"] == pytest.approx(0.1) and info["damping_mean"] > 0
 
 
 def test_check_passes_on_committed_baseline_and_fails_on_doctored(smoke: Path, tmp_path: Path) -> None:
