@@ -98,7 +98,8 @@ def build_schedule(
 
 @dataclass(frozen=True)
 class TrainResult:
-    """theta [n, P] final parameters; checkpoints [n, E+1, P] at epoch ends (epoch 0 = init) or None;
+    """theta [n, P] final parameters; checkpoints [c, E+1, P] of the c requested models at epoch ends
+    (epoch 0 = init) or None;
     failed [n] bool, True where the loss or parameters became non-finite."""
 
     theta: Tensor
@@ -116,11 +117,6 @@ def shared_batch_groups(schedules: list[Schedule]) -> int:
     return 1
 
 
-def beta_is_used(cfg: TrainConfig) -> bool:
-    """Whether the update needs a velocity buffer (heavy-ball momentum β > 0)."""
-    return cfg.momentum > 0
-
-
 def split_params(task: Task, theta: Tensor) -> dict[str, Tensor]:
     """θ [n, P] → contiguous leaf tensors {name: [n, *shape]} (the engine's layout)."""
     return {k: v.clone(memory_format=torch.contiguous_format) for k, v in task.unflatten(theta).items()}
@@ -133,14 +129,15 @@ def join_params(params: dict[str, Tensor]) -> Tensor:
 
 def train_models(
     task: Task, data: TaskData, cfg: TrainConfig, schedules: list[Schedule], theta0: Tensor,
-    record_checkpoints: bool = False,
+    checkpoint_models: list[int] | None = None,
 ) -> TrainResult:
     """Train n models at once: θ0 [n, P] on their own schedules; returns final θ and checkpoints.
 
     One autograd graph over the model axis; its gradient splits per model because model n's loss
     depends only on θ_n. Models whose schedules share batch indices (masked coupling: the 1+K runs of
     one seed) are grouped so the first layer is one GEMM per group (``Task.logits_grouped``).
-    Updates are fused ``_foreach`` ops on per-parameter [n, ...] buffers.
+    Updates are fused ``_foreach`` ops on per-parameter [n, ...] buffers. Epoch-end checkpoints are
+    kept only for the models listed in ``checkpoint_models`` (none if None).
     """
     n_models = theta0.shape[0]
     group = shared_batch_groups(schedules)
@@ -152,13 +149,17 @@ def train_models(
     per_epoch = n_steps // cfg.epochs
     lrs = learning_rates(cfg, n_steps).tolist()
     all_active = bool((denom > 0).all())
+    wd, beta = cfg.weight_decay, cfg.momentum
     params = split_params(task, theta0.detach())
     names = list(params)
     leaves = [params[k].requires_grad_(True) for k in names]
-    velocity = [torch.zeros_like(p) for p in leaves] if beta_is_used(cfg) else []
+    velocity = [torch.zeros_like(p) for p in leaves] if beta else []  # plain SGD needs no buffer
     failed = torch.zeros(n_models, dtype=torch.bool, device=theta0.device)
-    ckpts = [theta0.detach().clone()] if record_checkpoints else None
-    wd, beta = cfg.weight_decay, cfg.momentum
+
+    def snapshot(rows: list[int] | slice) -> Tensor:
+        return join_params({k: p.detach()[rows] for k, p in zip(names, leaves)})
+
+    ckpts = [snapshot(checkpoint_models)] if checkpoint_models is not None else None
     for t in range(n_steps):
         xb = data.x_train[idx[:, t]]  # [G, B, ...]
         yb = data.y_train[idx[:, t]].repeat_interleave(group, dim=0)  # [n, B]
@@ -168,15 +169,16 @@ def train_models(
         with torch.no_grad():
             if wd:
                 torch._foreach_add_(grads, leaves, alpha=wd)
-            if all_active or bool((denom[:, t] > 0).all()):
+            active = None if all_active else denom[:, t] > 0
+            if active is None or bool(active.all()):
                 if beta:
                     torch._foreach_mul_(velocity, beta)
                     torch._foreach_add_(velocity, grads)
                     torch._foreach_add_(leaves, velocity, alpha=-lrs[t])
-                else:  # plain SGD: v_{t+1} = g_t, no buffer needed
+                else:  # plain SGD: v_{t+1} = g_t
                     torch._foreach_add_(leaves, grads, alpha=-lrs[t])
             else:
-                mask = (denom[:, t] > 0).to(theta0.dtype)
+                mask = active.to(theta0.dtype)
                 for i, (p, g) in enumerate(zip(leaves, grads)):
                     m = mask.view(-1, *([1] * (p.dim() - 1)))
                     if beta:  # inactive models keep v; active ones take v ← βv + g
@@ -185,8 +187,8 @@ def train_models(
                     p.sub_(m * g, alpha=lrs[t])
             failed |= ~torch.isfinite(losses)
         if ckpts is not None and (t + 1) % per_epoch == 0:
-            ckpts.append(join_params({k: p.detach() for k, p in zip(names, leaves)}))
-    theta = join_params({k: p.detach() for k, p in zip(names, leaves)})
+            ckpts.append(snapshot(checkpoint_models))
+    theta = snapshot(slice(None))
     failed |= ~torch.isfinite(theta).all(1)
     checkpoints = torch.stack(ckpts, dim=1) if ckpts is not None else None
     return TrainResult(theta=theta, checkpoints=checkpoints, failed=failed)

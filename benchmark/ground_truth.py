@@ -109,12 +109,13 @@ def train_unit(task: Task, data: TaskData, scale: TaskScale, seeds: list[int], t
         schedules = [build_schedule(task.name, data.n_train, scale.train, s, r, coupling)
                      for s, r in zip(run_seeds, run_removed)]
         theta0 = initial_params(task, run_seeds, data.x_train.dtype, data.x_train.device, run_removed, coupling)
-        result = train_models(task, data, scale.train, schedules, theta0, record_checkpoints=True)
+        full_runs = [i * n_runs for i in range(len(chunk))]  # checkpoints are kept for full runs only
+        result = train_models(task, data, scale.train, schedules, theta0, checkpoint_models=full_runs)
         with torch.no_grad():
             m = task.measurements_batched(result.theta, x_q, y_q)  # [n, Q, M]
         meas.append(m.view(len(chunk), n_runs, *m.shape[1:]))
         thetas.append(result.theta.view(len(chunk), n_runs, -1)[:, 0])
-        ckpts.append(result.checkpoints.view(len(chunk), n_runs, *result.checkpoints.shape[1:])[:, 0])
+        ckpts.append(result.checkpoints)
         failed.append(result.failed.view(len(chunk), n_runs) | ~torch.isfinite(m).view(len(chunk), n_runs, -1).all(-1))
     theta_full = torch.cat(thetas)
     out = {"measurements": torch.cat(meas), "theta_full": theta_full, "checkpoints": torch.cat(ckpts),

@@ -90,3 +90,15 @@ def test_diverged_runs_are_flagged() -> None:
     data = data.to("cpu", torch.float32)
     res = train_models(task, data, scale.train, [sched], initial_params(task, [0], torch.float32, "cpu"))
     assert bool(res.failed.all())
+
+
+def test_checkpoints_only_for_requested_models() -> None:
+    scale = tiny_scale(n_train=32, hidden=(8,), activation="relu", epochs=3)
+    task, data = make_task(scale)
+    sched = build_schedule(task.name, data.n_train, scale.train, 0, None, Coupling.MASKED)
+    theta0 = initial_params(task, [0, 1, 2], torch.float64, "cpu")
+    res = train_models(task, data, scale.train, [sched] * 3, theta0, checkpoint_models=[0, 2])
+    assert res.checkpoints is not None and res.checkpoints.shape == (2, scale.train.epochs + 1, task.n_params)
+    assert torch.equal(res.checkpoints[:, 0], theta0[[0, 2]])  # epoch 0 is the initialisation
+    assert torch.equal(res.checkpoints[:, -1], res.theta[[0, 2]])  # the last epoch end is the final θ
+    assert train_models(task, data, scale.train, [sched], theta0[:1]).checkpoints is None
