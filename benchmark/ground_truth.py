@@ -9,6 +9,7 @@ whole (a diverging removal run is an effect, not noise) and counted in ``n_faile
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,14 @@ class GroundTruth:
     @property
     def run_seeds(self) -> list[int]:
         return [int(s) for s in (self.seeds if self.seeds.ndim == 1 else self.seeds[:, 0])]
+
+    def subset(self, n_seeds: int) -> GroundTruth:
+        """The first ``n_seeds`` seeds only (for methods run on a subset); a distinct key."""
+        return dataclasses.replace(
+            self, measurements=self.measurements[:n_seeds], seeds=self.seeds[:n_seeds],
+            theta_full=self.theta_full[:n_seeds], checkpoints=self.checkpoints[:n_seeds],
+            diagnostics={k: v[:n_seeds] for k, v in self.diagnostics.items()},
+            key=content_key(self.key, "first_seeds", n_seeds))
 
     def export(self, path: Path) -> None:
         """Write the raw arrays as ``ground_truth.npz`` (documented in the README)."""

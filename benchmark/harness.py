@@ -170,7 +170,8 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
 
     ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=gt.theta_full.to(opts.device, opts.dtype),
                          seeds=gt.run_seeds, targets=torch.as_tensor(gt.targets), queries=torch.as_tensor(gt.queries),
-                         coupling=gt.coupling, progress=opts.progress)
+                         coupling=gt.coupling, progress=opts.progress,
+                         checkpoints=gt.checkpoints.to(opts.device, opts.dtype))
     common = {"task": opts.task, "scale": opts.scale, "coupling": gt.coupling.value,
               "n_seeds": gt.measurements.shape[0], "n_targets": len(gt.targets), "n_queries": len(gt.queries),
               "n_failed": gt.n_failed, "version": __version__, "commit": git_commit(),
@@ -178,25 +179,30 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
               "torch_version": torch.__version__}
     rows: list[dict] = []
     predictions: dict[str, tuple[np.ndarray, bool]] = {}
+    n_all = gt.measurements.shape[0]
     replicates: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name in (*opts.methods, *REFERENCE_METHODS):
+        method_gt = gt
         if name in REFERENCE_METHODS:
             delta, runtime, peak, minfo = reference_delta(name, gt), 0.0, float("nan"), {}
             variant, is_dist, config_hash = "reference", True, content_key(name)
         else:
             method = METHODS.get(name)()
+            n_used = method.seeds_used(n_all)
             if opts.progress:
-                print(f"[{opts.task}/{opts.scale}] method {name} …", flush=True)
-            delta, runtime, peak, minfo = run_method(method, ctx, gt, store)
+                print(f"[{opts.task}/{opts.scale}] method {name} ({n_used} seeds) …", flush=True)
+            method_gt = gt if n_used == n_all else gt.subset(n_used)
+            method_ctx = ctx if n_used == n_all else ctx.subset(n_used)
+            delta, runtime, peak, minfo = run_method(method, method_ctx, method_gt, store)
             variant, is_dist = method.variant(), method.is_distributional
             config_hash = content_key(name, method.config_dict(), gt.key)
         save_npz(run_dir / "predictions" / f"{name}.npz", delta=delta.astype(np.float32),
                  measurement_names=np.array(gt.measurement_names))
         info["methods"][name] = {"runtime_s": runtime, "peak_rss_mb": peak, **minfo}
         predictions[name] = (delta, is_dist)
-        base = {**common, "method": name, "variant": variant, "distributional": is_dist, "runtime_s": runtime,
-                "peak_rss_mb": peak, "config_hash": config_hash}
-        method_rows, method_reps = score_rows(gt, delta, is_dist, base, opts)
+        base = {**common, "n_seeds": method_gt.measurements.shape[0], "method": name, "variant": variant,
+                "distributional": is_dist, "runtime_s": runtime, "peak_rss_mb": peak, "config_hash": config_hash}
+        method_rows, method_reps = score_rows(method_gt, delta, is_dist, base, opts)
         rows += method_rows
         replicates.update({(name, meas): reps for meas, reps in method_reps.items()})
         rows.append({**base, "measurement": "all", "metric": "runtime_rel_training", "regime": "cost",
@@ -230,10 +236,14 @@ def write_curves_and_differences(gt: GroundTruth, predictions: dict[str, tuple[n
     names = [n for n in predictions if n not in REFERENCE_METHODS]
     for j, meas in enumerate(gt.measurement_names):
         for name, (delta, is_dist) in predictions.items():
-            for row in score_vs_seeds(gt.full[..., j], gt.removed[..., j], delta[..., j], is_distributional=is_dist):
+            n = delta.shape[0]  # a method may use only the first n seeds
+            for row in score_vs_seeds(gt.full[:n, ..., j], gt.removed[:n, ..., j], delta[..., j],
+                                      is_distributional=is_dist):
                 curves.append({"method": name, "measurement": meas, **row})
         for i, a in enumerate(names):
             for b in [*names[i + 1:], "zero"]:
+                if predictions[a][0].shape[0] != predictions[b][0].shape[0]:
+                    continue  # bootstrap replicates pair only over the same seeds
                 ra, rb = replicates[(a, meas)], replicates[(b, meas)]
                 for metric in PAIRED_METRICS:
                     if metric in ra and metric in rb:

@@ -7,6 +7,7 @@ The predicted LOO law for (k, q) is {m_q(θ_s) + Δm[s, k, q]} over seeds (d-TDA
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, ClassVar
@@ -15,6 +16,7 @@ from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
 from benchmark.config import Coupling, TaskScale
+from benchmark.engine import Schedule, build_schedule, learning_rates, steps_per_epoch
 from tasks.base import Task, TaskData
 
 
@@ -22,7 +24,8 @@ from tasks.base import Task, TaskData
 class RemovalContext:
     """What a method sees. theta_full [S, P] are the seeds' final parameters (float, on ``device``);
     seeds [S] identify each seed's init and batch order (``benchmark.engine``); targets [K] are training
-    indices, queries [Q] test indices."""
+    indices, queries [Q] test indices; checkpoints [S, E+1, P] are each full run's parameters at the
+    end of every epoch (index 0 = initialisation), taken at steps ``checkpoint_steps``."""
 
     task: Task
     data: TaskData
@@ -33,6 +36,41 @@ class RemovalContext:
     queries: Tensor
     coupling: Coupling = Coupling.MASKED
     progress: bool = False  # show progress bars
+    checkpoints: Tensor | None = None
+
+    @property
+    def n_seeds(self) -> int:  # S
+        return int(self.theta_full.shape[0])
+
+    @property
+    def n_steps(self) -> int:  # T = epochs · ⌈N/B⌉
+        return self.scale.train.epochs * steps_per_epoch(self.n_train, self.scale.train.batch_size)
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """The training step at which each checkpoint was taken: [0, T/E, 2T/E, …, T]."""
+        per_epoch = steps_per_epoch(self.n_train, self.scale.train.batch_size)
+        return [e * per_epoch for e in range(self.scale.train.epochs + 1)]
+
+    def learning_rates(self) -> Tensor:
+        """η_t of the recorded runs, float64 [T]."""
+        return learning_rates(self.scale.train, self.n_steps)
+
+    def schedule(self, seed_index: int) -> Schedule:
+        """Seed ``seed_index``'s full-run batch schedule (idx, weight, denom [T, B])."""
+        return build_schedule(self.task.name, self.n_train, self.scale.train, self.seeds[seed_index], None,
+                              Coupling.MASKED)
+
+    def require_checkpoints(self, method: str) -> Tensor:
+        if self.checkpoints is None:
+            raise ValueError(f"method {method!r} needs the training checkpoints (RemovalContext.checkpoints)")
+        return self.checkpoints
+
+    def subset(self, n_seeds: int) -> RemovalContext:
+        """The same context restricted to the first ``n_seeds`` seeds."""
+        ckpt = None if self.checkpoints is None else self.checkpoints[:n_seeds]
+        return dataclasses.replace(self, theta_full=self.theta_full[:n_seeds], seeds=self.seeds[:n_seeds],
+                                   checkpoints=ckpt)
 
     @property
     def n_train(self) -> int:  # N
@@ -57,6 +95,12 @@ class Method(ABC):
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()
         self.info: dict[str, float] = {}  # logged quantities (e.g. damping), filled by predict
+
+    def seeds_used(self, n_available: int) -> int:
+        """How many of the ground truth's seeds this method predicts for (the first ones). Methods whose
+        config has ``max_seeds`` (expensive ones, e.g. the peer libraries) use at most that many."""
+        limit = getattr(self.config, "max_seeds", None)
+        return n_available if limit is None else min(n_available, int(limit))
 
     @abstractmethod
     def predict(self, ctx: RemovalContext) -> Tensor:

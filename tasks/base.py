@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmark.config import TaskScale
 
@@ -116,6 +116,20 @@ class Task(ABC):
             out[name] = theta[..., offset:offset + n].reshape(*lead, *shape)
             offset += n
         return out
+
+    def build_module(self) -> nn.Module:
+        """An ``nn.Module`` (logits [B, C] from x [B, ...]) whose ``parameters()`` are, in order, the
+        tensors of ``param_shapes``: the bridge to hook-based curvature (K-FAC) and the peer libraries."""
+        raise NotImplementedError(f"task {self.name!r} has no nn.Module form")
+
+    def module(self, theta: Tensor) -> nn.Module:
+        """``build_module()`` with its parameters set to θ [P] (copied; same dtype and device as θ)."""
+        mod = self.build_module().to(device=theta.device, dtype=theta.dtype)
+        shapes = [tuple(p.shape) for p in mod.parameters()]
+        if shapes != [s for _, s in self.param_shapes()]:
+            raise ValueError(f"task {self.name!r}: module parameter shapes {shapes} differ from param_shapes")
+        torch.nn.utils.vector_to_parameters(theta.detach().clone(), mod.parameters())
+        return mod
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
         """Logits [B, C] of one model θ [P] on x [B, ...]."""

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmark.config import GroundTruthConfig, ModelConfig, TaskScale, TrainConfig, derive_seed
 from benchmark.data import load_mnist
@@ -48,6 +48,7 @@ SCALES = {
 }
 
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
+_ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
 @register_task("mnist_mlp")
@@ -104,6 +105,16 @@ class MnistMlp(Task):
             bound = 1.0 / math.sqrt(fan_in)
             parts.append((torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).reshape(-1))
         return torch.cat(parts).to(dtype)
+
+    def build_module(self) -> nn.Module:
+        """The same MLP as ``nn.Sequential(Linear, act, …, Linear)`` on flattened (pooled) inputs."""
+        sizes = self.layer_sizes()
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(d_in, d_out))
+            if i < len(sizes) - 2:
+                layers.append(_ACTIVATION_MODULES[self.scale.model.activation]())
+        return nn.Sequential(*layers)
 
     def logits_batched(self, theta: Tensor, x: Tensor) -> Tensor:
         """h_{l+1} = act(W_l h_l + b_l), last layer linear; logits [n, B, C] from θ [n, P], x [n, B, D].

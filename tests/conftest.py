@@ -9,7 +9,8 @@ import torch
 
 import methods  # noqa: F401  (registers the methods)
 import tasks  # noqa: F401  (registers the tasks)
-from benchmark.config import GroundTruthConfig, ModelConfig, TaskScale, TrainConfig
+from benchmark.config import Coupling, GroundTruthConfig, ModelConfig, TaskScale, TrainConfig
+from benchmark.engine import build_schedule, initial_params, train_models
 from methods.base import RemovalContext
 from methods.influence import Curvature, InfluenceConfig, Solver, objective
 from tasks.base import TaskData
@@ -86,6 +87,23 @@ def glm() -> GlmProblem:
                          targets=torch.arange(0, 48, 3), queries=torch.arange(10))
     prob.theta, prob.ctx = theta, ctx
     return prob
+
+
+def full_batch_glm_context(glm: GlmProblem, steps: int) -> tuple[RemovalContext, float]:
+    """The GLM trained by full-batch GD (β = 0, η = 1/λ_max) for ``steps`` steps from seed 0, with a
+    checkpoint after every step."""
+    h = torch.func.hessian(lambda th: glm.task.per_example_loss(th, glm.data.x_train, glm.data.y_train).mean()
+                           + 0.5 * glm.task.scale.train.weight_decay * th.pow(2).sum())(glm.theta)
+    lr = 1.0 / float(torch.linalg.eigvalsh(h).max())
+    n = glm.data.n_train
+    scale = glm.task.scale.__class__(**{**glm.task.scale.__dict__, "train": TrainConfig(
+        lr=lr, momentum=0.0, weight_decay=glm.task.scale.train.weight_decay, batch_size=n, epochs=steps)})
+    task = glm.task.__class__(scale)
+    sched = build_schedule(task.name, n, scale.train, 0, None, Coupling.MASKED)
+    result = train_models(task, glm.data, scale.train, [sched], initial_params(task, [0], torch.float64, "cpu"),
+                          checkpoint_models=[0])
+    return RemovalContext(task=task, data=glm.data, scale=scale, theta_full=result.theta, seeds=[0],
+                          targets=glm.ctx.targets, queries=glm.ctx.queries, checkpoints=result.checkpoints), lr
 
 
 EXACT_INFLUENCE = InfluenceConfig(curvature=Curvature.HESSIAN, damping_scale=0.0, solver=Solver.DENSE)

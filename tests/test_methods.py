@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmark.config import Coupling, TrainConfig
+from benchmark.config import Coupling
 from benchmark.engine import build_schedule, initial_params, train_models
 from benchmark.registry import METHODS
 from methods.base import RemovalContext
@@ -19,6 +19,7 @@ from tests.conftest import (
     UD_IF_RTOL,
     UNROLL_FD_RTOL,
     GlmProblem,
+    full_batch_glm_context,
     make_task,
     tiny_scale,
 )
@@ -75,21 +76,6 @@ def test_influence_matches_exact_loo_on_glm(glm: GlmProblem, misalign_targets: b
         pred = pred.roll(1, dims=0)
     for j in range(2):  # loss and margin
         assert (pearson(pred[..., j], truth[..., j]) > GLM_PEARSON_MIN) is not misalign_targets
-
-
-def full_batch_glm_context(glm: GlmProblem, steps: int) -> tuple[RemovalContext, float]:
-    """The GLM trained by full-batch GD (β = 0) for ``steps`` steps from seed 0."""
-    h = torch.func.hessian(lambda th: glm.task.per_example_loss(th, glm.data.x_train, glm.data.y_train).mean()
-                           + 0.5 * glm.task.scale.train.weight_decay * th.pow(2).sum())(glm.theta)
-    lr = 1.0 / float(torch.linalg.eigvalsh(h).max())
-    n = glm.data.n_train
-    scale = glm.task.scale.__class__(**{**glm.task.scale.__dict__, "train": TrainConfig(
-        lr=lr, momentum=0.0, weight_decay=glm.task.scale.train.weight_decay, batch_size=n, epochs=steps)})
-    task = glm.task.__class__(scale)
-    sched = build_schedule(task.name, n, scale.train, 0, None, Coupling.MASKED)
-    theta = train_models(task, glm.data, scale.train, [sched], initial_params(task, [0], torch.float64, "cpu")).theta
-    return RemovalContext(task=task, data=glm.data, scale=scale, theta_full=theta, seeds=[0],
-                          targets=glm.ctx.targets, queries=glm.ctx.queries), lr
 
 
 @pytest.mark.parametrize("steps", [3, 1500])
