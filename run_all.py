@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", default=None, help="baseline leaderboard CSV: exit 1 if a score regressed")
     p.add_argument("--tol", type=float, default=0.05, help="regression tolerance below the baseline's ci_low")
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
+    p.add_argument("--no-further-training-gold", action="store_true",
+                   help="skip Wei et al.'s further-training gold standard and its curves")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -76,7 +78,8 @@ def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path,
     except OSError as exc:
         raise OptionError(f"--out {out} is not writable: {exc}") from None
     opts = [RunOptions(task=t, scale=scale, methods=method_names, coupling=coupling, n_seeds=args.seeds,
-                       device=device, n_boot=args.n_boot, progress=not args.quiet) for t in task_names]
+                       device=device, n_boot=args.n_boot, progress=not args.quiet,
+                       further_training_gold=not args.no_further_training_gold) for t in task_names]
     return opts, out, Path(args.cache)
 
 

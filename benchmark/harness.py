@@ -2,8 +2,9 @@
 
 Outputs under ``out/<task>/<scale>/``: ``ground_truth.npz``, ``predictions/<method>.npz``
 (``delta [S, K, Q, M]`` removed − full per seed), ``score_vs_seeds.csv``, ``paired_differences.csv``,
-``run_info.json``. Method predictions are cached in the unit store keyed by method, config and the
-ground truth's key, so a rerun only computes what changed.
+``run_info.json`` and ``further_training_curves.csv`` (every method against Wei et al.'s further-training
+gold standard, ``benchmark.further_training_gold``). Method predictions are cached in the unit store keyed
+by method, config and the ground truth's key, so a rerun only computes what changed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from benchmark import __version__
 from benchmark.config import CACHE_VERSION, Coupling, TaskScale
 from benchmark.engine import build_schedule, configure_determinism, initial_params, train_models
+from benchmark.further_training_gold import build_gold_standard, further_training_curves, gold_config_for, write_curves
 from benchmark.ground_truth import GroundTruth, build_ground_truth
 from benchmark.registry import METHODS, TASKS
 from benchmark.scores import paired_difference_ci, score_method, score_vs_seeds
@@ -49,6 +51,7 @@ class RunOptions:
     n_boot: int = 200
     n_splits: int = 20
     progress: bool = True
+    further_training_gold: bool = True  # score every method against Wei et al.'s further-training gold standard
 
 
 class PeakRss:
@@ -210,6 +213,13 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         rows += [{**base, "measurement": "all", "metric": key, "regime": "info", "value": float(value)}
                  for key, value in minfo.items() if isinstance(value, (int, float))]  # e.g. λ, λ/mean eigenvalue
     write_curves_and_differences(gt, predictions, replicates, run_dir)
+    if opts.further_training_gold:
+        start = time.perf_counter()
+        gold = build_gold_standard(ctx, store, gold_config_for(opts.scale))
+        scored = {name: delta for name, (delta, _) in predictions.items()}
+        scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
+        write_curves(run_dir / "further_training_curves.csv", further_training_curves(gold, scored))
+        info["further_training_gold"] = {**gold.settings(), "wall_s": time.perf_counter() - start}
     atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
     return rows
 

@@ -1,7 +1,9 @@
-"""Engine throughput against a plain torch.optim loop and a torch.func vmap ensemble, in one process.
+"""Speed benchmarks, each a ratio measured in one process.
 
-    python -m benchmark.speed [--models 64] [--loop-models 8] [--repeats 3]
+    python -m benchmark.speed [engine] [--models 64] [--loop-models 8] [--repeats 3]
+    python -m benchmark.speed ekfac [--queries 100]          (see ``benchmark.speed_ekfac``)
 
+``engine``: engine throughput against a plain torch.optim loop and a torch.func vmap ensemble.
 All three train the ``small`` MNIST MLP on the same schedules (one shared batch order, as the vmap
 recipe requires). Speed is reported as ratios of trainings per second measured in this run (medians
 over repeats), never as absolute claims; the achieved fraction of this machine's matmul peak counts
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -49,6 +52,13 @@ def timed(fn, device: torch.device) -> float:  # noqa: ANN001
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "ekfac":
+        from benchmark import speed_ekfac
+
+        return speed_ekfac.main(argv[1:])
+    if argv and argv[0] == "engine":
+        argv = argv[1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", type=int, default=64, help="models trained at once by engine and vmap")
     p.add_argument("--loop-models", type=int, default=8, help="models trained one by one by the loop")

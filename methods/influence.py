@@ -312,3 +312,15 @@ class Influence(Method):
             sol, it = batched_cg(mvp, flat_m, lam, cfg.cg_rtol, cfg.cg_max_iter, prec)  # [Q·M, P]
             delta = torch.einsum("kp,rp->kr", g_k, sol).view(-1, n_q, n_m)
         return delta, lam, mean_eig, it
+
+
+@dataclass(frozen=True)
+class EkfacInfluenceConfig(InfluenceConfig):
+    curvature: Curvature = Curvature.EKFAC
+
+
+@register_method("influence_ekfac")
+class InfluenceEkfac(Influence):
+    """``influence`` with the EK-FAC curvature (kronfluence's and SOURCE's approximation) as its default."""
+
+    config_cls = EkfacInfluenceConfig

@@ -114,14 +114,14 @@ def _fold_grads(mod: nn.Module, g: Tensor) -> Tensor:
 
 @contextmanager
 def _recording(module: nn.Module) -> Iterator[tuple[list[nn.Module], list[Tensor | None], list[Tensor | None]]]:
-    """Record each supported layer's inputs [B, L, I] (float64) and output tensor during a forward pass."""
+    """Record each supported layer's inputs [B, L, I] and output tensor during a forward pass."""
     layers = [m for _, m in module.named_modules() if isinstance(m, SUPPORTED_LAYERS)]
     inputs: list[Tensor | None] = [None] * len(layers)
     outputs: list[Tensor | None] = [None] * len(layers)
 
     def make_hook(i: int, mod: nn.Module) -> Callable:
         def hook(_m: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            inputs[i] = _unfold_inputs(mod, args[0].detach()).double()
+            inputs[i] = _unfold_inputs(mod, args[0].detach())
             outputs[i] = out
         return hook
 
@@ -167,7 +167,7 @@ def _passes(module: nn.Module, x: Tensor, y: Tensor, fisher: FisherType, seed: i
                 for j, loss in enumerate(losses):  # output grads only: no weight-gradient GEMMs
                     for i, g in enumerate(torch.autograd.grad(loss, outs, retain_graph=j < len(losses) - 1)):
                         grads[i].append(_fold_grads(layers[i], g.detach()).double())
-            yield [a for a in inputs if a is not None], grads
+            yield [a.double() for a in inputs if a is not None], grads
     finally:
         module.train(was_training)
 
@@ -266,3 +266,29 @@ def fit_kronecker(task: Task, thetas: Sequence[Tensor], x: Tensor, y: Tensor, *,
                         eigen[i] += _per_example_rotated_sq(a, g, q_a[i], q_s[i]) / (n * len(modules))
     n_params = sum(p.numel() for p in modules[0].parameters())
     return KroneckerCurvature(blocks, q_a, q_s, eigen, weight_decay, n_params, kind, fisher)
+
+
+def train_gradient_scores(curv: KroneckerCurvature, task: Task, theta: Tensor, x: Tensor, y: Tensor,
+                          vecs: Tensor, chunk: int = 1024) -> Tensor:
+    """⟨v_q, ∇ℓ_n(θ)⟩ over the covered layers for every training example n, [R, N] for V [R, P]
+    (e.g. V = (H + λI)⁻¹∇m_q): per-example gradients are never formed — for a layer used once per
+    example (L = 1) G_n = g_n a_nᵀ, so ⟨V_q, G_n⟩ = g_nᵀ V_q a_n is one GEMM per chunk."""
+    module = task.module(theta).eval()
+    mats = [b.gather(vecs) for b in curv.blocks]  # [R, O, I]
+    out = []
+    for start in range(0, x.shape[0], chunk):
+        xb, yb = x[start:start + chunk], y[start:start + chunk]
+        with _recording(module) as (layers, inputs, outputs), torch.enable_grad():
+            loss = F.cross_entropy(module(xb), yb, reduction="sum")
+            grads = torch.autograd.grad(loss, [o for o in outputs if o is not None])
+        score = vecs.new_zeros(vecs.shape[0], xb.shape[0])
+        for layer, a, g, mat in zip(layers, inputs, grads, mats):
+            g = _fold_grads(layer, g.detach()).to(vecs)
+            a = a.to(vecs)
+            if a.shape[1] == 1:
+                proj = (a[:, 0] @ mat.reshape(-1, mat.shape[-1]).T).view(a.shape[0], *mat.shape[:2])  # [b, R, O]
+                score += torch.einsum("bro,bo->rb", proj, g[:, 0])
+            else:
+                score += torch.einsum("blo,roi,bli->rb", g, mat, a)
+        out.append(score)
+    return torch.cat(out, dim=1)

@@ -20,9 +20,16 @@ from .inputs import (
     read_optional_csv,
     require,
 )
-from .markdown import fmt, image, rel
+from .markdown import fmt, image, md_table, rel
 from .output import write_markdown
-from .plots import SCORE_VS_SEEDS_COLUMNS, plot_loo_law, plot_mean_effects, plot_score_vs_seeds
+from .plots import (
+    FURTHER_TRAINING_COLUMNS,
+    SCORE_VS_SEEDS_COLUMNS,
+    plot_further_training_curves,
+    plot_loo_law,
+    plot_mean_effects,
+    plot_score_vs_seeds,
+)
 from .tables import leaderboard_section, paired_section, provenance, ranking_only_methods, run_info_section
 
 _SIGN_SENTENCE = (
@@ -119,6 +126,36 @@ def _score_vs_seeds_lines(svs: pd.DataFrame | None, gt: GroundTruth, plot_dir: P
     return lines
 
 
+def _further_training_lines(curves: pd.DataFrame, gt: GroundTruth, plot_dir: Path, base: Path) -> list[str]:
+    lines = ["## Agreement with the further-training gold standard (Wei et al. 2024)", ""]
+    note = missing_columns(curves, set(FURTHER_TRAINING_COLUMNS), "further_training_curves.csv")
+    if note:
+        return lines + [note, ""]
+    lines += [
+        (
+            "A second ground truth, final-model-only: each seed's final model further trained on D and on "
+            "D \\ k (same batch order with k deleted) at lr/10, averaged over further-training seeds disjoint "
+            "from the `further_training` method's, diff = LOO − full centred across targets (Wei et al.'s "
+            "eqs. 17 and 13; settings under *Run settings*). Per (seed, query): cosine and Spearman over "
+            "targets between the method's Δm and the gold diff; mean ± SEM over (seed, query) against "
+            "further-training epochs (their Fig. 2). Dashed black: the gold standard's split-half agreement."
+        ),
+        "",
+    ]
+    for _, path in plot_further_training_curves(curves, gt.measurement_names, plot_dir):
+        lines += image(f"further-training gold {path.stem}", path, base)
+    cos = curves[curves["metric"].astype(str) == "cosine"]
+    for meas, sub in cos.groupby(cos["measurement"].astype(str), sort=False):
+        epochs = sorted({int(e) for e in sub["epoch"]})
+        rows = []
+        for method, d in sub.groupby(sub["method"].astype(str), sort=False):
+            by_epoch = {int(r.epoch): f"{fmt(r.mean)} ± {fmt(r.sem)}" for r in d.itertuples()}
+            rows.append([method, *(by_epoch.get(e, "") for e in epochs)])
+        header = ["method", *(f"epoch {e}" for e in epochs)]
+        lines += [f"Cosine to the gold standard, `{meas}`:", "", md_table(header, rows), ""]
+    return lines
+
+
 def write_report(out_dir: Path, task: str, scale: str) -> Path:
     """Write the plots and the markdown section of one (task, scale).
 
@@ -160,6 +197,9 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     lines += _mean_effect_lines(gt, preds, ranking_only, plot_dir, base)
     lines += _loo_law_lines(gt, preds, ranking_only, plot_dir, base)
     lines += _score_vs_seeds_lines(read_optional_csv(run_dir / "score_vs_seeds.csv"), gt, plot_dir, base)
+    gold_curves = read_optional_csv(run_dir / "further_training_curves.csv")
+    if gold_curves is not None:
+        lines += _further_training_lines(gold_curves, gt, plot_dir, base)
     lines += diagnostics_section(gt, plot_dir, base)
     paired_df = read_optional_csv(run_dir / "paired_differences.csv")
     if paired_df is not None:

@@ -294,3 +294,74 @@ def _read_off_score_vs_seeds(sub: pd.DataFrame) -> str:
             "broken, just noisy, and scores must be read against the ceiling at the same n."
         )
     return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Plot 4: agreement with the further-training gold standard (Wei et al. 2024, Fig. 2)
+# ----------------------------------------------------------------------------------------------
+
+#: Columns of ``further_training_curves.csv`` that :func:`plot_further_training_curves` reads.
+FURTHER_TRAINING_COLUMNS = frozenset({"method", "measurement", "epoch", "metric", "mean", "sem", "n"})
+SPLIT_HALF = "gold_split_half"  # the gold standard's own split-half agreement (drawn dashed black)
+
+
+def _draw_gold_panel(ax: Axes, sub: pd.DataFrame) -> None:
+    """One measurement's panel: each method's score ± SEM against further-training epochs."""
+    methods = [m for m in dict.fromkeys(sub["method"]) if m != SPLIT_HALF]
+    refs = [m for m in methods if m in REFERENCE_METHODS]
+    for i, method in enumerate(methods):
+        d = sub[sub["method"] == method].sort_values("epoch")
+        is_ref = method in REFERENCE_METHODS
+        ax.errorbar(
+            d["epoch"],
+            d["mean"],
+            yerr=d["sem"].fillna(0.0).clip(lower=0.0),
+            marker="o",
+            ms=3.5,
+            capsize=2,
+            lw=1.0 if is_ref else 1.5,
+            ls=":" if is_ref else "-",
+            color=_REF_GREYS[refs.index(method) % len(_REF_GREYS)] if is_ref else f"C{i}",
+            label=method,
+        )
+    half = sub[sub["method"] == SPLIT_HALF].sort_values("epoch")
+    if not half.empty:
+        ax.plot(half["epoch"], half["mean"], color="k", ls="--", lw=1.5, label="gold split-half")
+    epochs = sorted({int(e) for e in sub["epoch"] if finite(e)})
+    if epochs:
+        ax.set_xticks(epochs)
+    ax.axhline(0, color="0.85", lw=0.6, zorder=0)
+    ax.set_xlabel("further-training epochs")
+
+
+def plot_further_training_curves(
+    curves: pd.DataFrame, measurements: Sequence[str], plot_dir: Path
+) -> list[tuple[str, Path]]:
+    """Plot 4: each method's agreement with the further-training gold standard vs further-training epochs.
+
+    One figure per metric (``cosine``, ``spearman``), one panel per measurement: mean ± SEM over
+    (seed, query) of the per-(seed, query) score over targets; dashed black: the gold standard's split-half
+    agreement.
+
+    Returns:
+        ``[(metric, png path)]``.
+    """
+    curves = curves.copy()
+    for col in ("method", "measurement", "metric"):
+        curves[col] = text_column(curves[col])
+    for col in ("epoch", "mean", "sem"):
+        curves[col] = pd.to_numeric(curves[col], errors="coerce")
+    out = []
+    for metric in sorted(set(curves["metric"]), key=lambda m: (m != "cosine", m)):
+        sm = curves[curves["metric"] == metric]
+        meas_list = [m for m in measurement_order(measurements, sm["measurement"]) if (sm["measurement"] == m).any()]
+        fig, axes = new_figure(len(meas_list), ncols_max=4, panel=(4.2, 3.4))
+        for ax, meas in zip(axes, meas_list):
+            _draw_gold_panel(ax, sm[sm["measurement"] == meas])
+            ax.set_title(meas, fontsize=10)
+        if axes:
+            axes[0].set_ylabel(f"{metric} to gold (mean ± SEM)")
+            axes[0].legend(fontsize=7, loc="best")
+        fig.suptitle(f"Agreement with the further-training gold standard (Wei et al. 2024): {metric}", fontsize=11)
+        out.append((metric, save_figure(fig, plot_dir / f"further_training_{_slug(metric)}.png")))
+    return out
