@@ -22,7 +22,8 @@ null space, and SOURCE's implied damping is 1/(η̄_ℓ T_ℓ) (logged as ``impl
 
 Checkpoints (``RemovalContext.checkpoints``, epoch ends, 0 = init) belong to the segment whose steps
 [b_{ℓ−1}, b_ℓ) contain theirs — step t's update uses θ_t, so the final θ_T, used by no update, is in no
-segment; a segment without a checkpoint uses the one nearest its midpoint. Cost: about (checkpoints used) × an influence computation per seed.
+segment; a segment without a checkpoint uses the one nearest its midpoint.
+Cost: about (checkpoints used) × an influence computation per seed.
 """
 
 from __future__ import annotations

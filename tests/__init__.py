@@ -1,1 +1,2 @@
-"""dtda-bench tests (a regular package: kronfluence installs a top-level ``tests`` package that would shadow a namespace one)."""
+"""dtda-bench tests: a regular package, because kronfluence installs a top-level ``tests`` package
+that would shadow a namespace one."""
