@@ -66,7 +66,12 @@ class GlmProblem:
         return theta
 
     def exact_loo(self) -> torch.Tensor:
-        """Δm [K, Q, M] by exact retraining without each target (removed minus full)."""
+        """Δm [K, Q, M] by exact retraining without each target (removed minus full); computed once."""
+        if getattr(self, "_exact_loo", None) is None:
+            self._exact_loo = self._compute_exact_loo()
+        return self._exact_loo.clone()
+
+    def _compute_exact_loo(self) -> torch.Tensor:
         full = self.task.measurements(self.theta, self.ctx.x_query, self.ctx.y_query)
         out = []
         for k in self.ctx.targets.tolist():
@@ -89,7 +94,18 @@ def glm() -> GlmProblem:
     return prob
 
 
+_GLM_CONTEXTS: dict[tuple[int, int], tuple[RemovalContext, float]] = {}
+
+
 def full_batch_glm_context(glm: GlmProblem, steps: int) -> tuple[RemovalContext, float]:
+    """Cached per (problem, steps): the sign-contract tests of every method share one training."""
+    key = (id(glm), steps)
+    if key not in _GLM_CONTEXTS:
+        _GLM_CONTEXTS[key] = _train_full_batch_glm(glm, steps)
+    return _GLM_CONTEXTS[key]
+
+
+def _train_full_batch_glm(glm: GlmProblem, steps: int) -> tuple[RemovalContext, float]:
     """The GLM trained by full-batch GD (β = 0, η = 1/λ_max) for ``steps`` steps from seed 0, with a
     checkpoint after every step."""
     h = torch.func.hessian(lambda th: glm.task.per_example_loss(th, glm.data.x_train, glm.data.y_train).mean()

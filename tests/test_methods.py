@@ -88,7 +88,7 @@ def test_unroll_converges_to_influence_on_glm(glm: GlmProblem, steps: int) -> No
     assert (err < UD_IF_RTOL) is (steps > 100)  # negative control: 3 steps are far from the limit
 
 
-@pytest.mark.parametrize("method", ["unroll", "influence"])
+@pytest.mark.parametrize("method", ["unroll", "influence", "influence_ekfac", "trak_ensemble"])
 def test_sign_contract_on_glm(glm: GlmProblem, method: str) -> None:
     """Pearson(prediction, exact LOO) > 0.5 for loss and margin; flipping the sign must fail."""
     ctx, _ = full_batch_glm_context(glm, 600)
