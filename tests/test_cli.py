@@ -77,7 +77,7 @@ def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--methods", "infleunce"], "unknown method 'infleunce'; allowed: influence, unroll"),
+    (["--methods", "infleunce"], "unknown method 'infleunce'; allowed: datainf, dattri_if_cg"),
     (["--tasks", "cifar"], "unknown task 'cifar'; allowed: mnist_mlp"),
     (["--scale", "huge"], "--scale must be one of: smoke, small, paper"),
     (["--coupling", "paired"], "--coupling must be one of: masked, deleted, independent"),
