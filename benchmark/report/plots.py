@@ -187,25 +187,22 @@ def plot_loo_law(
 # ----------------------------------------------------------------------------------------------
 
 
+def _method_errorbar(ax: Axes, x: pd.Series, y: pd.Series, err: pd.Series, method: str, i: int,
+                     refs: Sequence[str]) -> None:
+    """One method's line ± error bars; reference methods dotted grey, real methods solid colour C{i}."""
+    is_ref = method in REFERENCE_METHODS
+    ax.errorbar(x, y, yerr=err.fillna(0.0).clip(lower=0.0), marker="o", ms=3.5, capsize=2,
+                lw=1.0 if is_ref else 1.5, ls=":" if is_ref else "-",
+                color=_REF_GREYS[refs.index(method) % len(_REF_GREYS)] if is_ref else f"C{i}", label=method)
+
+
 def _draw_score_panel(ax: Axes, sm: pd.DataFrame, real: Sequence[str], refs: Sequence[str]) -> None:
     """One metric's panel: each method's score ± SE against n, and the noise ceiling (dashed black)."""
     for i, method in enumerate([*real, *refs]):
         d = sm[sm["method"] == method].sort_values("n_seeds")
         if d.empty:
             continue
-        is_ref = method in REFERENCE_METHODS
-        ax.errorbar(
-            d["n_seeds"],
-            d["value_mean"],
-            yerr=d["value_se"].fillna(0.0).clip(lower=0.0),
-            marker="o",
-            ms=3.5,
-            capsize=2,
-            lw=1.0 if is_ref else 1.5,
-            ls=":" if is_ref else "-",
-            color=_REF_GREYS[refs.index(method) % len(_REF_GREYS)] if is_ref else f"C{i}",
-            label=method,
-        )
+        _method_errorbar(ax, d["n_seeds"], d["value_mean"], d["value_se"], method, i, refs)
     ceil = sm.groupby("n_seeds")[["ceiling_mean", "ceiling_se"]].mean().sort_index()
     ceil = ceil[np.isfinite(ceil["ceiling_mean"])]
     if not ceil.empty:
@@ -311,19 +308,7 @@ def _draw_gold_panel(ax: Axes, sub: pd.DataFrame) -> None:
     refs = [m for m in methods if m in REFERENCE_METHODS]
     for i, method in enumerate(methods):
         d = sub[sub["method"] == method].sort_values("epoch")
-        is_ref = method in REFERENCE_METHODS
-        ax.errorbar(
-            d["epoch"],
-            d["mean"],
-            yerr=d["sem"].fillna(0.0).clip(lower=0.0),
-            marker="o",
-            ms=3.5,
-            capsize=2,
-            lw=1.0 if is_ref else 1.5,
-            ls=":" if is_ref else "-",
-            color=_REF_GREYS[refs.index(method) % len(_REF_GREYS)] if is_ref else f"C{i}",
-            label=method,
-        )
+        _method_errorbar(ax, d["epoch"], d["mean"], d["sem"], method, i, refs)
     half = sub[sub["method"] == SPLIT_HALF].sort_values("epoch")
     if not half.empty:
         ax.plot(half["epoch"], half["mean"], color="k", ls="--", lw=1.5, label="gold split-half")
