@@ -39,6 +39,12 @@ def make_task(scale: TaskScale) -> tuple[MnistMlp, TaskData]:
     return task, task.load_data().to("cpu", torch.float64)
 
 
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two tensors, flattened."""
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a @ b) / (a.norm() * b.norm()))
+
+
 @dataclass
 class GlmProblem:
     """L2-regularised multinomial logistic regression on 4×4-pooled MNIST, solved by Newton's method."""

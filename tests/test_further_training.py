@@ -34,18 +34,13 @@ from methods.further_training import (
     further_training_config,
     replicate_seed,
 )
-from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, tiny_scale
+from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, pearson, tiny_scale
 
 LOOP_ATOL = 1e-10  # method vs an explicit torch.optim loop, float64
 TINY_LR_ATOL = 1e-10  # |Δm| when the further-training lr is 1e-12 × the training lr
 GLM_LIMIT_RTOL = 1e-6  # further training from the GLM optimum vs the exact minimiser it converges to
 GLM_DELETED_BIAS_MIN = 1e-2  # deleted vs the (1/N)-normalised exact LOO: the 1/(N−1) batch mean shows
 COSINE_ATOL = 1e-12
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 @pytest.fixture(scope="module")

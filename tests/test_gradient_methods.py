@@ -23,18 +23,13 @@ from methods.influence import Influence, InfluenceConfig, Solver
 from methods.lissa import Lissa, LissaConfig
 from methods.tracin import TracIn
 from tasks.base import TaskData
-from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, tiny_scale
+from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, pearson, tiny_scale
 
 EXACT_RTOL = 1e-10  # float64 identities (same maths, different code path), relative to max |reference|
 FURTHER_TRAINING_RTOL = 1e-3  # grad_dot vs m(θ′ without k) − m(θ′) after SGD at lr 1e-4 (error O(η))
 LISSA_DENSE_RTOL = 1e-6  # lissa (automatic depth, tol 1e-9) vs the dense influence solve, same damping
 LISSA_TEST_DAMPING = 10.0  # damping_scale for both (few LiSSA steps on the tiny MLP: σ/(λ + wd) ≈ 5)
 LISSA_STOCHASTIC_RTOL = 0.1  # minibatch HVPs (half batches, 3 repeats) vs dense
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def rel_err(pred: torch.Tensor, ref: torch.Tensor) -> float:

@@ -21,13 +21,9 @@ from tests.conftest import (
     GlmProblem,
     full_batch_glm_context,
     make_task,
+    pearson,
     tiny_scale,
 )
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def train_with_target_weight(task, data, scale, seeds, targets, queries, weight_k: float) -> torch.Tensor:

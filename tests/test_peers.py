@@ -11,7 +11,7 @@ from benchmark.config import OptionError
 from benchmark.registry import METHODS
 from methods.base import RemovalContext, example_loss_grads, measurement_grads
 from methods.influence import Influence, InfluenceConfig, Solver
-from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, tiny_scale
+from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, pearson, tiny_scale
 
 HAND_EKFAC_RTOL = 1e-8  # kronfluence (float64 throughout) vs EK-FAC by hand
 KF_SCALE_RATIO_MAX = 1.5  # |kronfluence| / |dense influence| within [1/1.5, 1.5]; a 1/N slip is a factor N = 48
@@ -29,11 +29,6 @@ PEERS = {  # name: (module to import, config overrides for the 48-example GLM)
     "dattri_tracin": ("dattri", {"final_only": True}),  # 600 one-step checkpoints cost 35 s; the final one is enough
     "dattri_trak": ("dattri", {"max_proj_fraction": SPLIT_PROJ_FRACTION}),
 }
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

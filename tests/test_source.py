@@ -8,14 +8,9 @@ import torch
 from benchmark.registry import METHODS
 from methods.source import DenseEigen, Segment, SegmentMap, Source, SourceConfig, segment_plan, source_displacement
 from methods.unroll import Unroll
-from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context
+from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, pearson
 
 EXACT_RTOL = 1e-10
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def quadratic(p: int = 12, seed: int = 0) -> tuple[torch.Tensor, DenseEigen]:

@@ -9,14 +9,9 @@ from benchmark.config import Coupling
 from benchmark.engine import build_schedule, initial_params, train_models
 from methods.base import RemovalContext
 from methods.trak import Trak, TrakConfig, TrakEnsemble
-from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, tiny_scale
+from tests.conftest import SIGN_PEARSON_MIN, GlmProblem, full_batch_glm_context, make_task, pearson, tiny_scale
 
 PROJECTION_RTOL = 1e-8
-
-
-def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
-    return float((a @ b) / (a.norm() * b.norm()))
 
 
 @pytest.fixture(scope="module")
