@@ -13,29 +13,31 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import methods  # noqa: F401  (registers the methods)
 import tasks  # noqa: F401  (registers the tasks)
 from benchmark.config import Coupling, OptionError, Scale, parse_enum
 from benchmark.engine import resolve_device
-from benchmark.harness import REFERENCE_METHODS, RunOptions, run
+from benchmark.harness import EVALUATIONS, REFERENCE_METHODS, RunOptions, run
 from benchmark.leaderboard import check_regression, merge_into, to_frame
 from benchmark.registry import METHODS, TASKS, UnknownNameError
 from benchmark.store import UnitStore
 
 
-def parse_list(value: str, registry_names: list[str], kind: str) -> tuple[str, ...]:
+def parse_list(value: str, registry_names: list[str], kind: str, option: str | None = None) -> tuple[str, ...]:
+    option = option or f"--{kind}s"
     if value == "all":
         return tuple(registry_names)
     names = tuple(v.strip() for v in value.split(",") if v.strip())
     if not names:
-        raise OptionError(f"--{kind}s is empty; allowed: all, {', '.join(registry_names)}")
+        raise OptionError(f"{option} is empty; allowed: all, {', '.join(registry_names)}")
     for n in names:
         if n not in registry_names:
             raise UnknownNameError(kind, n, registry_names)
     if len(set(names)) != len(names):
-        raise OptionError(f"--{kind}s lists a {kind} twice: {value!r}")
+        raise OptionError(f"{option} lists a {kind} twice: {value!r}")
     return names
 
 
@@ -55,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
     p.add_argument("--no-further-training-gold", action="store_true",
                    help="skip Wei et al.'s further-training gold standard and its curves")
+    p.add_argument("--eval", default="loo,lds",
+                   help="comma-separated evaluations: loo (leave-one-out) and/or lds (group removal: LDS and "
+                        "distributional LDS); default loo,lds")
+    p.add_argument("--lds-seeds", type=int, default=None, help="seeds R of the LDS ground truth (default: the scale's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -68,6 +74,9 @@ def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path,
         raise OptionError(f"--seeds must be >= 4 (cross-fitting needs two halves of >= 2), got {args.seeds}")
     if args.n_boot < 10:
         raise OptionError(f"--n-boot must be >= 10, got {args.n_boot}")
+    evaluations = parse_list(args.eval, list(EVALUATIONS), "evaluation", "--eval")
+    if args.lds_seeds is not None and args.lds_seeds < 4:
+        raise OptionError(f"--lds-seeds must be >= 4 (cross-fitting needs two halves of >= 2), got {args.lds_seeds}")
     device = resolve_device(args.device)
     out = Path(args.out)
     try:
@@ -79,15 +88,18 @@ def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path,
         raise OptionError(f"--out {out} is not writable: {exc}") from None
     opts = [RunOptions(task=t, scale=scale, methods=method_names, coupling=coupling, n_seeds=args.seeds,
                        device=device, n_boot=args.n_boot, progress=not args.quiet,
-                       further_training_gold=not args.no_further_training_gold) for t in task_names]
+                       further_training_gold=not args.no_further_training_gold, evaluations=evaluations,
+                       lds_seeds=args.lds_seeds) for t in task_names]
     return opts, out, Path(args.cache)
 
 
 def print_leaderboard(frame) -> None:  # noqa: ANN001
     view = frame[frame["regime"].isin(["distributional", "fixed_seed"])]
-    for (task, scale, meas), part in view.groupby(["task", "scale", "measurement"], sort=False):
-        print(f"\n== {task} / {scale} / {meas} (coupling {part['coupling'].iloc[0]}, S={part['n_seeds'].iloc[0]}, "
-              f"K={part['n_targets'].iloc[0]}, Q={part['n_queries'].iloc[0]}) ==")
+    view = view.assign(evaluation=np.where(view["metric"].str.startswith("lds_"), "lds", "loo"))
+    for (task, scale, ev, meas), part in view.groupby(["task", "scale", "evaluation", "measurement"], sort=False):
+        columns = "subsets M" if ev == "lds" else "K"
+        print(f"\n== {task} / {scale} / {ev} / {meas} (coupling {part['coupling'].iloc[0]}, "
+              f"S={part['n_seeds'].max()}, {columns}={part['n_targets'].iloc[0]}, Q={part['n_queries'].iloc[0]}) ==")
         cells = part.assign(cell=[f"{v:+.3f} [{lo:+.3f},{hi:+.3f}] c={c:.3f}" if v == v else "—"
                                   for v, lo, hi, c in zip(part["value"], part["ci_low"], part["ci_high"],
                                                           part["noise_ceiling"])])

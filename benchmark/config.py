@@ -116,6 +116,40 @@ class GroundTruthConfig:
 
 
 @dataclass(frozen=True)
+class LdsConfig:
+    """Group-removal ground truth for the linear datamodelling score (LDS; Park et al. 2023, SOURCE §5,
+    d-TDA eq. 11): M random subsets D′_j keeping a fraction α of the training set, each trained with the
+    same R seeds as R full-data runs (coupling as in :class:`Coupling`; masked: the subset is a 0/1 weight
+    vector on the seed's own batches)."""
+
+    n_subsets: int = 100  # M
+    alpha: float = 0.5  # fraction of the training set each subset keeps
+    n_seeds: int = 8  # R
+    coupling: Coupling = Coupling.MASKED
+    first_seed: int = 0
+    subset_seed: int = 0  # draws the subsets
+    seeds_per_unit: int = 4  # seeds per cached work unit
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coupling", parse_enum(Coupling, self.coupling, "LdsConfig.coupling"))
+        if self.n_subsets < 3:
+            raise OptionError(f"LdsConfig.n_subsets must be >= 3 (a Spearman over subsets), got {self.n_subsets}")
+        if not 0 < self.alpha < 1:
+            raise OptionError(f"LdsConfig.alpha must lie in (0, 1), got {self.alpha}")
+        if self.n_seeds < 4:
+            raise OptionError(f"LdsConfig.n_seeds must be >= 4 (cross-fitting needs two halves of >= 2), "
+                              f"got {self.n_seeds}")
+        if self.first_seed < 0 or self.subset_seed < 0:
+            raise OptionError("LdsConfig.first_seed and subset_seed must be >= 0")
+        if self.seeds_per_unit < 1:
+            raise OptionError(f"LdsConfig.seeds_per_unit must be >= 1, got {self.seeds_per_unit}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.n_seeds))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """An MLP: input → hidden… → classes, with an activation and optional input pooling."""
 
@@ -163,6 +197,7 @@ __all__ = [
     "Coupling",
     "GroundTruthConfig",
     "LRSchedule",
+    "LdsConfig",
     "ModelConfig",
     "OptionError",
     "Scale",

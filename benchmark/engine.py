@@ -48,14 +48,15 @@ def learning_rates(cfg: TrainConfig, n_steps: int) -> Tensor:
     return cfg.lr * torch.minimum(up, down).clamp(min=0.0)
 
 
-def init_seed(task_name: str, seed: int, removed: int | None, coupling: Coupling) -> int:
-    """The seed that draws a run's initial parameters (fresh per removal only when independent)."""
+def init_seed(task_name: str, seed: int, removed: object, coupling: Coupling) -> int:
+    """The seed that draws a run's initial parameters (fresh per removal only when independent);
+    ``removed`` is the removed index or a run label (group removal), None for the full run."""
     if coupling is Coupling.INDEPENDENT and removed is not None:
         return derive_seed("independent", task_name, seed, removed)
     return derive_seed("init", task_name, seed)
 
 
-def order_seed(task_name: str, seed: int, removed: int | None, coupling: Coupling) -> int:
+def order_seed(task_name: str, seed: int, removed: object, coupling: Coupling) -> int:
     if coupling is Coupling.INDEPENDENT and removed is not None:
         return derive_seed("independent_order", task_name, seed, removed)
     return derive_seed("batch_order", task_name, seed)
@@ -67,26 +68,35 @@ def permutations(n_train: int, epochs: int, order: int) -> list[Tensor]:
 
 
 def build_schedule(
-    task_name: str, n_train: int, cfg: TrainConfig, seed: int, removed: int | None, coupling: Coupling
+    task_name: str, n_train: int, cfg: TrainConfig, seed: int, removed: int | Tensor | None, coupling: Coupling,
+    label: object = None,
 ) -> Schedule:
     """The batch schedule of one run on the full-data step grid (T = epochs · ⌈N/B⌉ steps).
 
-    masked: the full run's batches with w = 0 at every slot holding ``removed``.
-    deleted / independent: each epoch's permutation with ``removed`` deleted, chunked into B;
-    a shorter last batch is padded with zero-weight slots that are not counted in B_{t}.
+    ``removed`` is one training index, a 1-D tensor of indices (group removal), or None (full data).
+    masked: the full run's batches with w = 0 at every slot holding a removed example.
+    deleted / independent: each epoch's permutation with the removed examples deleted, chunked into B;
+    a shorter last batch is padded with zero-weight slots that are not counted in B_{t}, and steps left
+    without examples (group removal) have B_t = 0, so they leave θ unchanged.
+    ``label`` names the run for the independent coupling's fresh batch order (required for a group).
     """
+    if isinstance(removed, Tensor) and coupling is Coupling.INDEPENDENT and label is None:
+        raise ValueError("build_schedule: a group removal under independent coupling needs a run label")
     bsz, per_epoch = cfg.batch_size, steps_per_epoch(n_train, cfg.batch_size)
     idx = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.long)
     weight = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.float64)
     denom = torch.zeros(cfg.epochs * per_epoch, dtype=torch.float64)
-    perms = permutations(n_train, cfg.epochs, order_seed(task_name, seed, removed, coupling))
+    run_id = label if label is not None else removed
+    perms = permutations(n_train, cfg.epochs, order_seed(task_name, seed, run_id, coupling))  # type: ignore[arg-type]
     for e, perm in enumerate(perms):
         w_perm = torch.ones(n_train, dtype=torch.float64)
-        if removed is not None and coupling is Coupling.MASKED:
-            w_perm[perm == removed] = 0.0
-        elif removed is not None:
-            perm = perm[perm != removed]
-            w_perm = w_perm[: perm.numel()]
+        if removed is not None:
+            gone = torch.isin(perm, torch.as_tensor(removed).reshape(-1))
+            if coupling is Coupling.MASKED:
+                w_perm[gone] = 0.0
+            else:
+                perm = perm[~gone]
+                w_perm = w_perm[: perm.numel()]
         for j in range(per_epoch):
             chunk = perm[j * bsz:(j + 1) * bsz]
             t = e * per_epoch + j
@@ -195,7 +205,7 @@ def train_models(
 
 
 def initial_params(task: Task, seeds: list[int], dtype: torch.dtype, device: torch.device | str,
-                   removed: list[int | None] | None = None, coupling: Coupling = Coupling.MASKED) -> Tensor:
+                   removed: list[object] | None = None, coupling: Coupling = Coupling.MASKED) -> Tensor:
     """θ0 [n, P] for runs (seed, removed) under a coupling; drawn on the CPU for device independence."""
     removed = removed or [None] * len(seeds)
     thetas = [task.init_params(torch.Generator().manual_seed(init_seed(task.name, s, r, coupling)), dtype)

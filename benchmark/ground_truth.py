@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -106,7 +107,16 @@ def train_unit(task: Task, data: TaskData, scale: TaskScale, seeds: list[int], t
     Returns measurements [s, 1+K, Q, M], theta_full [s, P], checkpoints [s, E+1, P], failed [s, 1+K],
     train_acc / test_acc / grad_norm [s] (diagnostics of the full runs).
     """
-    removals: list[int | None] = [None, *targets.tolist()]
+    removals: list[int | Tensor | None] = [None, *targets.tolist()]
+    return train_removal_runs(task, data, scale, seeds, removals, list(removals), queries, coupling, max_models)
+
+
+def train_removal_runs(task: Task, data: TaskData, scale: TaskScale, seeds: list[int],
+                       removals: list[int | Tensor | None], labels: list[object], queries: Tensor,
+                       coupling: Coupling, max_models: int = 1024) -> dict[str, Tensor]:
+    """Per seed, one run per entry of ``removals`` (None = full data, first; an index; or a 1-D tensor of
+    indices for a group), ``labels`` naming each run for the independent coupling's fresh seeds.
+    Returns the arrays of :func:`train_unit` with 1+K runs per seed."""
     n_runs = len(removals)
     seeds_per_batch = max(1, max_models // n_runs)
     x_q, y_q = data.x_test[queries], data.y_test[queries]
@@ -115,9 +125,10 @@ def train_unit(task: Task, data: TaskData, scale: TaskScale, seeds: list[int], t
         chunk = seeds[start:start + seeds_per_batch]
         run_seeds = [s for s in chunk for _ in removals]
         run_removed = removals * len(chunk)
-        schedules = [build_schedule(task.name, data.n_train, scale.train, s, r, coupling)
-                     for s, r in zip(run_seeds, run_removed)]
-        theta0 = initial_params(task, run_seeds, data.x_train.dtype, data.x_train.device, run_removed, coupling)
+        run_labels = labels * len(chunk)
+        schedules = [build_schedule(task.name, data.n_train, scale.train, s, r, coupling, label=lab)
+                     for s, r, lab in zip(run_seeds, run_removed, run_labels)]
+        theta0 = initial_params(task, run_seeds, data.x_train.dtype, data.x_train.device, run_labels, coupling)
         full_runs = [i * n_runs for i in range(len(chunk))]  # checkpoints are kept for full runs only
         result = train_models(task, data, scale.train, schedules, theta0, checkpoint_models=full_runs)
         with torch.no_grad():
@@ -149,6 +160,41 @@ def full_run_diagnostics(task: Task, data: TaskData, scale: TaskScale, theta: Te
             "grad_norm": grad.norm(dim=1).double()}
 
 
+def load_or_train_units(store: UnitStore, units: list[list[int]], key_fn: Callable[[list[int]], tuple[str, dict]],
+                        train_fn: Callable[[list[int]], dict[str, Tensor]], kind: str, tags: dict,
+                        desc: str, progress: bool) -> tuple[dict[str, Tensor], list[str]]:
+    """Every unit (a list of seeds) from the store, or trained and stored; concatenated along seeds."""
+    parts, keys = [], []
+    for unit_seeds in tqdm(units, desc=desc, unit="unit", disable=not progress):
+        key, config = key_fn(unit_seeds)
+        keys.append(key)
+        tensors = store.get(key, config)
+        if tensors is None:
+            tensors = train_fn(unit_seeds)
+            store.put(key, config, tensors, kind=kind, tags={**tags, "seeds": [unit_seeds[0], unit_seeds[-1]]})
+        parts.append(tensors)
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, keys
+
+
+def assemble_ground_truth(cat: dict[str, Tensor], seeds: list[int], seed_arr: np.ndarray, task: Task,
+                          coupling: Coupling, targets: np.ndarray, queries: np.ndarray, key: str) -> GroundTruth:
+    """A :class:`GroundTruth` from concatenated unit arrays; a seed with any diverged run is dropped whole."""
+    failed_seed = cat["failed"].any(1).numpy()
+    if failed_seed.any():
+        warnings.warn(f"{int(failed_seed.sum())} seed(s) diverged (NaN/inf) and are dropped: "
+                      f"{np.asarray(seeds)[failed_seed].tolist()}", stacklevel=3)
+    keep = ~failed_seed
+    return GroundTruth(
+        measurements=cat["measurements"].double().numpy()[keep],
+        measurement_names=task.measurement_names,
+        targets=targets, queries=queries, seeds=seed_arr[keep], coupling=coupling,
+        theta_full=cat["theta_full"][torch.as_tensor(keep)],
+        checkpoints=cat["checkpoints"][torch.as_tensor(keep)],
+        diagnostics={k: cat[k].double().numpy()[keep] for k in ("train_acc", "test_acc", "grad_norm")},
+        n_failed=int(failed_seed.sum()), key=key,
+    )
+
+
 def build_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: UnitStore,
                        device: torch.device, progress: bool = True) -> GroundTruth:
     """Compute (or load from the store) every unit of the ground truth and assemble it."""
@@ -158,33 +204,15 @@ def build_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: Unit
     targets, queries = select_targets_and_queries(data, cfg, task.name)
     seeds = cfg.seeds
     units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
-    parts, keys = [], []
-    bar = tqdm(units, desc=f"ground truth {task.name}", unit="unit", disable=not progress)
-    for unit_seeds in bar:
-        key, config = unit_key(task, scale, unit_seeds, targets, queries, cfg.coupling, data.x_train.dtype, device)
-        keys.append(key)
-        tensors = store.get(key, config)
-        if tensors is None:
-            tensors = train_unit(task, data, scale, unit_seeds, targets, queries, cfg.coupling)
-            tags = {"task": task.name, "seeds": [unit_seeds[0], unit_seeds[-1]], "coupling": cfg.coupling.value}
-            store.put(key, config, tensors, kind="loo_ground_truth", tags=tags)
-        parts.append(tensors)
-    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    failed_seed = cat["failed"].any(1).numpy()
-    if failed_seed.any():
-        warnings.warn(f"{int(failed_seed.sum())} seed(s) diverged (NaN/inf) and are dropped: "
-                      f"{np.asarray(seeds)[failed_seed].tolist()}", stacklevel=2)
-    keep = ~failed_seed
+    cat, keys = load_or_train_units(
+        store, units,
+        key_fn=lambda u: unit_key(task, scale, u, targets, queries, cfg.coupling, data.x_train.dtype, device),
+        train_fn=lambda u: train_unit(task, data, scale, u, targets, queries, cfg.coupling),
+        kind="loo_ground_truth", tags={"task": task.name, "coupling": cfg.coupling.value},
+        desc=f"ground truth {task.name}", progress=progress)
     seed_arr = np.asarray(seeds)
     if cfg.coupling is Coupling.INDEPENDENT:
         seed_arr = np.array([[s] + [init_seed(task.name, s, int(k), cfg.coupling) for k in targets] for s in seeds],
                             dtype=np.int64)  # [S, 1+K]: the full run's seed, then each removal run's init seed
-    return GroundTruth(
-        measurements=cat["measurements"].double().numpy()[keep],
-        measurement_names=task.measurement_names,
-        targets=targets.numpy(), queries=queries.numpy(), seeds=seed_arr[keep], coupling=cfg.coupling,
-        theta_full=cat["theta_full"][torch.as_tensor(keep)],
-        checkpoints=cat["checkpoints"][torch.as_tensor(keep)],
-        diagnostics={k: cat[k].double().numpy()[keep] for k in ("train_acc", "test_acc", "grad_norm")},
-        n_failed=int(failed_seed.sum()), key=content_key(keys),
-    )
+    return assemble_ground_truth(cat, seeds, seed_arr, task, cfg.coupling, targets.numpy(), queries.numpy(),
+                                 content_key(keys))

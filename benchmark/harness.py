@@ -3,12 +3,17 @@
 Outputs under ``out/<task>/<scale>/``: ``ground_truth.npz``, ``predictions/<method>.npz``
 (``delta [S, K, Q, M]`` removed − full per seed), ``score_vs_seeds.csv``, ``paired_differences.csv``,
 ``run_info.json`` and ``further_training_curves.csv`` (every method against Wei et al.'s further-training
-gold standard, ``benchmark.further_training_gold``). Method predictions are cached in the unit store keyed
-by method, config and the ground truth's key, so a rerun only computes what changed.
+gold standard, ``benchmark.further_training_gold``). With the ``lds`` evaluation (``benchmark.lds``) also
+``lds_ground_truth.npz``, ``predictions/lds_<method>.npz`` (``delta [R, M, Q, M_meas]``: each subset's
+group prediction, the sum of the method's per-example effects over the removed examples),
+``lds_score_vs_seeds.csv`` and ``lds_paired_differences.csv``; its leaderboard rows carry ``lds_*`` metrics.
+Method predictions are cached in the unit store keyed by method, config and the ground truth's key, so a
+rerun only computes what changed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -16,6 +21,7 @@ import platform
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from benchmark.config import CACHE_VERSION, Coupling, TaskScale
 from benchmark.engine import build_schedule, configure_determinism, initial_params, train_models
 from benchmark.further_training_gold import build_gold_standard, further_training_curves, gold_config_for, write_curves
 from benchmark.ground_truth import GroundTruth, build_ground_truth
+from benchmark.lds import build_lds_ground_truth, group_predictions, lds_config_for, lds_metric_name
 from benchmark.registry import METHODS, TASKS
 from benchmark.scores import paired_difference_ci, score_method, score_vs_seeds
 from benchmark.store import UnitStore, atomic_write_bytes, atomic_write_text, content_key
@@ -36,6 +43,7 @@ from methods.base import Method, RemovalContext
 from tasks.base import Task
 
 REFERENCE_METHODS = ("zero", "random")
+EVALUATIONS = ("loo", "lds")
 PAIRED_METRICS = ("loo_mean_spearman", "distribution_skill", "loo_seed_spearman")
 
 
@@ -52,6 +60,8 @@ class RunOptions:
     n_splits: int = 20
     progress: bool = True
     further_training_gold: bool = True  # score every method against Wei et al.'s further-training gold standard
+    evaluations: tuple[str, ...] = ("loo", "lds")  # subset of EVALUATIONS
+    lds_seeds: int | None = None  # None: the task's LDS setting for the scale
 
 
 class PeakRss:
@@ -154,6 +164,20 @@ def save_npz(path: Path, **arrays: Any) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+@dataclass
+class Evaluation:
+    """One scored comparison: a ground truth whose columns are removals (LOO targets, or LDS subsets),
+    the context methods predict from, and how a method's per-example Δm becomes a prediction of those
+    columns (identity for LOO; the sum over each subset's removed examples for LDS)."""
+
+    name: str  # "loo" or "lds"
+    gt: GroundTruth
+    ctx: RemovalContext
+    to_columns: Callable[[np.ndarray], np.ndarray]
+    metric_name: Callable[[str], str]
+    file_prefix: str
+
+
 def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
     """Everything for one (task, scale); returns leaderboard rows and writes the raw arrays."""
     configure_determinism(opts.device)
@@ -162,24 +186,68 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
     task = task_cls(scale)
     data = task.load_data().to(opts.device, opts.dtype)
     run_dir = out_dir / opts.task / opts.scale
-    info: dict[str, Any] = {"task": opts.task, "scale": opts.scale, "methods": {}}
-
-    start = time.perf_counter()
-    gt = build_ground_truth(task, data, scale, store, opts.device, progress=opts.progress)
-    info["ground_truth_s"] = time.perf_counter() - start
-    gt.export(run_dir / "ground_truth.npz")
+    info: dict[str, Any] = {"task": opts.task, "scale": opts.scale, "evaluations": list(opts.evaluations),
+                            "methods": {}}
     train_one = time_one_training(task, data, scale)
     info["train_one_s"] = train_one
-
-    ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=gt.theta_full.to(opts.device, opts.dtype),
-                         seeds=gt.run_seeds, targets=torch.as_tensor(gt.targets), queries=torch.as_tensor(gt.queries),
-                         coupling=gt.coupling, progress=opts.progress,
-                         checkpoints=gt.checkpoints.to(opts.device, opts.dtype))
-    common = {"task": opts.task, "scale": opts.scale, "coupling": gt.coupling.value,
-              "n_seeds": gt.measurements.shape[0], "n_targets": len(gt.targets), "n_queries": len(gt.queries),
-              "n_failed": gt.n_failed, "version": __version__, "commit": git_commit(),
+    common = {"task": opts.task, "scale": opts.scale, "version": __version__, "commit": git_commit(),
               "device": str(opts.device) if opts.device.type == "cpu" else torch.cuda.get_device_name(opts.device),
               "torch_version": torch.__version__}
+    rows: list[dict] = []
+    if "loo" in opts.evaluations:
+        start = time.perf_counter()
+        gt = build_ground_truth(task, data, scale, store, opts.device, progress=opts.progress)
+        info["ground_truth_s"] = time.perf_counter() - start
+        gt.export(run_dir / "ground_truth.npz")
+        ctx = make_context(task, data, scale, gt, torch.as_tensor(gt.targets), opts)
+        loo = Evaluation("loo", gt, ctx, to_columns=lambda d: d, metric_name=lambda m: m, file_prefix="")
+        predictions, loo_rows = evaluate_methods(loo, opts, store, common, train_one, info["methods"], run_dir)
+        rows += loo_rows
+        if opts.further_training_gold:
+            start = time.perf_counter()
+            gold = build_gold_standard(ctx, store, gold_config_for(opts.scale))
+            scored = {name: delta for name, (delta, _) in predictions.items()}
+            scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
+            write_curves(run_dir / "further_training_curves.csv", further_training_curves(gold, scored))
+            info["further_training_gold"] = {**gold.settings(), "wall_s": time.perf_counter() - start}
+    if "lds" in opts.evaluations:
+        start = time.perf_counter()
+        lds_cfg = lds_config_for(task, opts.scale)
+        if opts.lds_seeds is not None:
+            lds_cfg = dataclasses.replace(lds_cfg, n_seeds=opts.lds_seeds)
+        lds = build_lds_ground_truth(task, data, scale, lds_cfg, store, opts.device, progress=opts.progress)
+        info["lds_ground_truth_s"] = time.perf_counter() - start
+        lds.export(run_dir / "lds_ground_truth.npz")
+        ctx = make_context(task, data, scale, lds.gt, torch.arange(data.n_train), opts)
+        removed = lds.removed_matrix()
+        evaluation = Evaluation("lds", lds.gt, ctx, to_columns=lambda d: group_predictions(d, lds.keep),
+                                metric_name=lds_metric_name, file_prefix="lds_")
+        info["lds"] = {"n_subsets": lds_cfg.n_subsets, "alpha": lds_cfg.alpha, "n_seeds": lds.gt.measurements.shape[0],
+                       "coupling": lds_cfg.coupling.value, "removed_per_subset": float(removed.sum(1).mean()),
+                       "methods": {}}
+        _, lds_rows = evaluate_methods(evaluation, opts, store, common, train_one, info["lds"]["methods"], run_dir)
+        rows += lds_rows
+        info["lds"]["wall_s"] = time.perf_counter() - start
+    atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
+    return rows
+
+
+def make_context(task: Task, data: Any, scale: TaskScale, gt: GroundTruth, targets: torch.Tensor,
+                 opts: RunOptions) -> RemovalContext:
+    """What methods see: the ground truth's seeds and full-run parameters and checkpoints."""
+    return RemovalContext(task=task, data=data, scale=scale, theta_full=gt.theta_full.to(opts.device, opts.dtype),
+                          seeds=gt.run_seeds, targets=targets, queries=torch.as_tensor(gt.queries),
+                          coupling=gt.coupling, progress=opts.progress,
+                          checkpoints=gt.checkpoints.to(opts.device, opts.dtype))
+
+
+def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common: dict, train_one: float,
+                     method_info: dict, run_dir: Path) -> tuple[dict[str, tuple[np.ndarray, bool]], list[dict]]:
+    """Run every method (cached) and the reference rows on one evaluation; score, write the predictions
+    (``predictions/<prefix><method>.npz``), curves and paired differences; return predictions and rows."""
+    gt = ev.gt
+    common = {**common, "coupling": gt.coupling.value, "n_seeds": gt.measurements.shape[0],
+              "n_targets": len(gt.targets), "n_queries": len(gt.queries), "n_failed": gt.n_failed}
     rows: list[dict] = []
     predictions: dict[str, tuple[np.ndarray, bool]] = {}
     n_all = gt.measurements.shape[0]
@@ -191,37 +259,34 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
             variant, is_dist, config_hash = "reference", True, content_key(name)
         else:
             method = METHODS.get(name)()
+            if ev.name == "lds" and method.lds_skip_reason is not None:
+                method_info[name] = {"skipped": method.lds_skip_reason}
+                continue
             n_used = method.seeds_used(n_all)
             if opts.progress:
-                print(f"[{opts.task}/{opts.scale}] method {name} ({n_used} seeds) …", flush=True)
+                print(f"[{opts.task}/{opts.scale}/{ev.name}] method {name} ({n_used} seeds) …", flush=True)
             method_gt = gt if n_used == n_all else gt.subset(n_used)
-            method_ctx = ctx if n_used == n_all else ctx.subset(n_used)
-            delta, runtime, peak, minfo = run_method(method, method_ctx, method_gt, store)
+            method_ctx = ev.ctx if n_used == n_all else ev.ctx.subset(n_used)
+            per_example, runtime, peak, minfo = run_method(method, method_ctx, method_gt, store)
+            delta = ev.to_columns(per_example)
             variant, is_dist = method.variant(), method.is_distributional
             config_hash = content_key(name, method.config_dict(), gt.key)
-        save_npz(run_dir / "predictions" / f"{name}.npz", delta=delta.astype(np.float32),
+        save_npz(run_dir / "predictions" / f"{ev.file_prefix}{name}.npz", delta=delta.astype(np.float32),
                  measurement_names=np.array(gt.measurement_names))
-        info["methods"][name] = {"runtime_s": runtime, "peak_rss_mb": peak, **minfo}
+        method_info[name] = {"runtime_s": runtime, "peak_rss_mb": peak, **minfo}
         predictions[name] = (delta, is_dist)
         base = {**common, "n_seeds": method_gt.measurements.shape[0], "method": name, "variant": variant,
                 "distributional": is_dist, "runtime_s": runtime, "peak_rss_mb": peak, "config_hash": config_hash}
         method_rows, method_reps = score_rows(method_gt, delta, is_dist, base, opts)
-        rows += method_rows
+        rows += [{**r, "metric": ev.metric_name(r["metric"])} for r in method_rows]
         replicates.update({(name, meas): reps for meas, reps in method_reps.items()})
-        rows.append({**base, "measurement": "all", "metric": "runtime_rel_training", "regime": "cost",
+        rows.append({**base, "measurement": "all", "metric": ev.metric_name("runtime_rel_training"), "regime": "cost",
                      "value": runtime / train_one})
-        rows += [{**base, "measurement": "all", "metric": key, "regime": "info", "value": float(value)}
-                 for key, value in minfo.items() if isinstance(value, (int, float))]  # e.g. λ, λ/mean eigenvalue
-    write_curves_and_differences(gt, predictions, replicates, run_dir)
-    if opts.further_training_gold:
-        start = time.perf_counter()
-        gold = build_gold_standard(ctx, store, gold_config_for(opts.scale))
-        scored = {name: delta for name, (delta, _) in predictions.items()}
-        scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
-        write_curves(run_dir / "further_training_curves.csv", further_training_curves(gold, scored))
-        info["further_training_gold"] = {**gold.settings(), "wall_s": time.perf_counter() - start}
-    atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
-    return rows
+        if ev.name == "loo":  # logged quantities (e.g. λ, λ/mean eigenvalue), once per method
+            rows += [{**base, "measurement": "all", "metric": key, "regime": "info", "value": float(value)}
+                     for key, value in minfo.items() if isinstance(value, (int, float))]
+    write_curves_and_differences(gt, predictions, replicates, run_dir, ev.file_prefix, ev.metric_name)
+    return predictions, rows
 
 
 def score_rows(gt: GroundTruth, delta: np.ndarray, is_dist: bool, base: dict, opts: RunOptions
@@ -240,8 +305,10 @@ def score_rows(gt: GroundTruth, delta: np.ndarray, is_dist: bool, base: dict, op
 
 
 def write_curves_and_differences(gt: GroundTruth, predictions: dict[str, tuple[np.ndarray, bool]],
-                                 replicates: dict[tuple[str, str], dict[str, np.ndarray]], run_dir: Path) -> None:
-    """Score-vs-seeds curves for every method, and paired bootstrap differences between methods."""
+                                 replicates: dict[tuple[str, str], dict[str, np.ndarray]], run_dir: Path,
+                                 prefix: str = "", metric_name: Callable[[str], str] = lambda m: m) -> None:
+    """Score-vs-seeds curves for every method, and paired bootstrap differences between methods
+    (``<prefix>score_vs_seeds.csv``, ``<prefix>paired_differences.csv``)."""
     curves, diffs = [], []
     names = [n for n in predictions if n not in REFERENCE_METHODS]
     for j, meas in enumerate(gt.measurement_names):
@@ -249,7 +316,7 @@ def write_curves_and_differences(gt: GroundTruth, predictions: dict[str, tuple[n
             n = delta.shape[0]  # a method may use only the first n seeds
             for row in score_vs_seeds(gt.full[:n, ..., j], gt.removed[:n, ..., j], delta[..., j],
                                       is_distributional=is_dist):
-                curves.append({"method": name, "measurement": meas, **row})
+                curves.append({"method": name, "measurement": meas, **row, "metric": metric_name(row["metric"])})
         for i, a in enumerate(names):
             for b in [*names[i + 1:], "zero"]:
                 if predictions[a][0].shape[0] != predictions[b][0].shape[0]:
@@ -258,12 +325,12 @@ def write_curves_and_differences(gt: GroundTruth, predictions: dict[str, tuple[n
                 for metric in PAIRED_METRICS:
                     if metric in ra and metric in rb:
                         d, lo, hi = paired_difference_ci(ra[metric], rb[metric])
-                        diffs.append({"measurement": meas, "metric": metric, "method_a": a, "method_b": b,
+                        diffs.append({"measurement": meas, "metric": metric_name(metric), "method_a": a, "method_b": b,
                                       "diff": d, "ci_low": lo, "ci_high": hi})
     for name, frame in (("score_vs_seeds.csv", pd.DataFrame(curves)), ("paired_differences.csv", pd.DataFrame(diffs))):
         buf = io.StringIO()
         frame.to_csv(buf, index=False, float_format="%.6g")
-        atomic_write_bytes(run_dir / name, buf.getvalue().encode())
+        atomic_write_bytes(run_dir / f"{prefix}{name}", buf.getvalue().encode())
 
 
 def environment() -> dict[str, str]:

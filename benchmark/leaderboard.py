@@ -4,6 +4,7 @@ Every row is one (task, scale, method, variant, measurement, metric). Later work
 ad-hoc columns; a change of columns bumps ``SCHEMA_VERSION``. Regimes: ``distributional`` and
 ``fixed_seed`` (scores, with ``noise_ceiling``), ``cost`` (``runtime_rel_training``) and ``info`` (what a
 method logged for that run, e.g. influence's ``damping_mean`` = λ and ``damping_over_mean_eig``).
+Group-removal rows (``benchmark.lds``) carry ``lds_*`` metrics; for them ``n_targets`` counts subsets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from benchmark.scores.metrics import LDS_METRICS
 from benchmark.store import atomic_write_bytes
 
 SCHEMA_VERSION = 1
@@ -24,8 +26,7 @@ COLUMNS: tuple[str, ...] = (
     "distributional", "runtime_s", "peak_rss_mb", "config_hash", "version", "commit", "device", "torch_version",
 )
 # Scores where higher is better; the regression check applies to these only (never to runtime).
-HIGHER_IS_BETTER = {"loo_mean_spearman", "loo_mean_pearson", "var_influence_spearman", "w2_influence_spearman",
-                    "distribution_skill", "loo_seed_pearson", "loo_seed_spearman"}
+HIGHER_IS_BETTER = set(LDS_METRICS) | set(LDS_METRICS.values())  # the LOO scores and their LDS twins
 KEY_COLUMNS = ("task", "scale", "method", "variant", "measurement", "metric", "coupling")
 
 

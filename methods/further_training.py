@@ -143,6 +143,8 @@ class FurtherTraining(Method):
     """Δm[s, k, q] = mean_r [m_q(FT(θ_s; D \\ k, ξ_r)) − m_q(FT(θ_s; D, ξ_r))] after E epochs (module doc)."""
 
     is_distributional = True
+    lds_skip_reason = ("one further-training run per training example × R replicates × seeds "
+                       "(N·R·S runs; 80,000 at small): not run for LDS")
     config_cls = FurtherTrainingConfig
 
     def predict(self, ctx: RemovalContext) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.config import TaskScale
+from benchmark.config import LdsConfig, TaskScale
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,7 @@ class Task(ABC):
     scales: ClassVar[Mapping[str, TaskScale]]
     measurement_names: ClassVar[tuple[str, ...]] = ("loss", "margin")
     supports_masked: ClassVar[bool] = True  # False if the model uses unweighted batch statistics
+    lds_scales: ClassVar[Mapping[str, LdsConfig]] = {}  # the LDS ground truth per scale name (group removal)
 
     def __init__(self, scale: TaskScale) -> None:
         self.scale = scale

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmark.config import GroundTruthConfig, ModelConfig, TaskScale, TrainConfig, derive_seed
+from benchmark.config import GroundTruthConfig, LdsConfig, ModelConfig, TaskScale, TrainConfig, derive_seed
 from benchmark.data import load_mnist
 from benchmark.registry import register_task
 from tasks.base import Task, TaskData
@@ -47,6 +47,12 @@ SCALES = {
     ),
 }
 
+LDS_SCALES = {
+    "smoke": LdsConfig(n_subsets=16, alpha=0.5, n_seeds=4, seeds_per_unit=4),
+    "small": LdsConfig(n_subsets=100, alpha=0.5, n_seeds=8, seeds_per_unit=4),
+    "paper": LdsConfig(n_subsets=100, alpha=0.5, n_seeds=20, seeds_per_unit=4),
+}
+
 _ACTIVATIONS = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu}
 _ACTIVATION_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -56,6 +62,7 @@ class MnistMlp(Task):
     """MLP on (optionally average-pooled) MNIST digits; inputs standardised with MNIST's mean and std."""
 
     scales = SCALES
+    lds_scales = LDS_SCALES
 
     @property
     def input_dim(self) -> int:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .diagnostics import diagnostics_section
@@ -16,6 +18,7 @@ from .inputs import (
     load_ground_truth,
     load_leaderboard,
     load_predictions,
+    measurement_order,
     missing_columns,
     read_optional_csv,
     require,
@@ -30,7 +33,14 @@ from .plots import (
     plot_mean_effects,
     plot_score_vs_seeds,
 )
-from .tables import leaderboard_section, paired_section, provenance, ranking_only_methods, run_info_section
+from .tables import (
+    leaderboard_section,
+    paired_section,
+    provenance,
+    ranking_only_methods,
+    run_info_section,
+    score_table,
+)
 
 _SIGN_SENTENCE = (
     "Sign convention: every effect is **removed minus full**, "
@@ -156,6 +166,52 @@ def _further_training_lines(curves: pd.DataFrame, gt: GroundTruth, plot_dir: Pat
     return lines
 
 
+def _lds_lines(run_dir: Path, board: pd.DataFrame, measurements: tuple[str, ...], ranking_only: set[str],
+               plot_dir: Path, base: Path) -> list[str]:
+    """``## Group removal``: the LDS / distributional-LDS tables with ceilings, methods not run, curves."""
+    path = run_dir / "lds_ground_truth.npz"
+    if not path.is_file() or board.empty:
+        return []
+    with np.load(path, allow_pickle=False) as z:
+        r_seeds, m1, n_q, _ = z["measurements"].shape
+        alpha, coupling = float(z["alpha"]), str(z["coupling"][()])
+        n_train = int(z["keep"].shape[1])
+    lines = [
+        "## Group removal: LDS and distributional LDS",
+        "",
+        (
+            f"M = {m1 - 1} random subsets each keeping α = {alpha:g} of the N = {n_train} training examples, "
+            f"trained with R = {r_seeds} seeds (coupling **{coupling}**) beside R full-data runs; Q = {n_q} queries. "
+            "A method's prediction for a subset is the **sum of its per-example removal effects over the "
+            "removed examples** (additivity is the method's assumption). `lds_mean` is the Spearman over "
+            "subsets of the predicted and retrained mean effect per query, averaged over queries (the LDS of "
+            "TRAK / SOURCE); `lds_var` and `lds_w2` are the distributional LDS of d-TDA eq. 11 (variance "
+            "change, debiased W2² between the subset's and the full-data law). Cross-fitting, ceilings and "
+            "bootstrap CIs as for LOO, with subsets in the place of targets."
+        ),
+        "",
+    ]
+    for meas in measurement_order(measurements, board["measurement"]):
+        rows_m = board[(board["measurement"] == meas) & board["regime"].isin(["distributional", "fixed_seed"])]
+        if not rows_m.empty:
+            lines += [f"### LDS, `{meas}`", "", score_table(rows_m, meas, ranking_only), ""]
+    info_path = run_dir / "run_info.json"
+    if info_path.is_file():
+        lds_info = json.loads(info_path.read_text()).get("lds", {})
+        skipped = {m: v["skipped"] for m, v in lds_info.get("methods", {}).items() if "skipped" in v}
+        if skipped:
+            lines += ["Not run for LDS (it needs Δm for all N training examples):", ""]
+            lines += [f"- `{m}`: {why}" for m, why in skipped.items()] + [""]
+    svs = read_optional_csv(run_dir / "lds_score_vs_seeds.csv")
+    if svs is not None and not missing_columns(svs, set(SCORE_VS_SEEDS_COLUMNS), "lds_score_vs_seeds.csv"):
+        lines += ["LDS scores against the number of seeds (mean ± SE over seed subsets; dashed: ceiling).", ""]
+        for meas, png, sentence in plot_score_vs_seeds(svs, measurements, plot_dir, prefix="lds_"):
+            lines += image(f"LDS score vs seeds {meas}", png, base)
+            if sentence:
+                lines += [f"`{meas}`: {sentence}", ""]
+    return lines
+
+
 def write_report(out_dir: Path, task: str, scale: str) -> Path:
     """Write the plots and the markdown section of one (task, scale).
 
@@ -178,8 +234,12 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     """
     out_dir = Path(out_dir)
     run_dir = out_dir / task / scale
+    if not (run_dir / "ground_truth.npz").is_file() and (run_dir / "lds_ground_truth.npz").is_file():
+        return _write_lds_only_report(out_dir, task, scale)
     gt = load_ground_truth(run_dir / "ground_truth.npz")
     board = load_leaderboard(out_dir / "leaderboard.csv", task, scale, gt.coupling)
+    is_lds = board["metric"].str.startswith("lds_")
+    board, lds_board = board[~is_lds].reset_index(drop=True), board[is_lds].reset_index(drop=True)
     preds, pred_notes = load_predictions(run_dir / "predictions", gt)
     ranking_only = ranking_only_methods(board)
     plot_dir = run_dir / "plots"
@@ -200,6 +260,7 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     gold_curves = read_optional_csv(run_dir / "further_training_curves.csv")
     if gold_curves is not None:
         lines += _further_training_lines(gold_curves, gt, plot_dir, base)
+    lines += _lds_lines(run_dir, lds_board, gt.measurement_names, ranking_only, plot_dir, base)
     lines += diagnostics_section(gt, plot_dir, base)
     paired_df = read_optional_csv(run_dir / "paired_differences.csv")
     if paired_df is not None:
@@ -207,6 +268,23 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     if (run_dir / "run_info.json").is_file():
         lines += run_info_section(run_dir / "run_info.json")
 
+    write_markdown(md_path, lines)
+    return md_path
+
+
+def _write_lds_only_report(out_dir: Path, task: str, scale: str) -> Path:
+    """The section of a run with ``--eval lds`` only (no leave-one-out ground truth)."""
+    run_dir = out_dir / task / scale
+    lds_gt = load_ground_truth(run_dir / "lds_ground_truth.npz")
+    board = load_leaderboard(out_dir / "leaderboard.csv", task, scale, lds_gt.coupling)
+    board = board[board["metric"].str.startswith("lds_")].reset_index(drop=True)
+    plot_dir = run_dir / "plots"
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    md_path = run_dir / "report.md"
+    lines = [f"# {task} / {scale}", "", _SIGN_SENTENCE, ""]
+    lines += _lds_lines(run_dir, board, lds_gt.measurement_names, ranking_only_methods(board), plot_dir, md_path.parent)
+    if (run_dir / "run_info.json").is_file():
+        lines += run_info_section(run_dir / "run_info.json")
     write_markdown(md_path, lines)
     return md_path
 

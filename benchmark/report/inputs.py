@@ -29,8 +29,21 @@ METRIC_ORDER: tuple[str, ...] = (
     "distribution_skill",
     "loo_seed_pearson",
     "loo_seed_spearman",
+    "lds_mean",
+    "lds_mean_pearson",
+    "lds_var",
+    "lds_w2",
+    "lds_distribution_skill",
+    "lds_seed_pearson",
+    "lds_seed_spearman",
 )
 PRIMARY_METRIC = "loo_mean_spearman"
+PRIMARY_LDS_METRIC = "lds_mean"
+
+
+def primary_metric(metrics: set[str] | pd.Series) -> str:
+    """The metric tables are sorted by: ``loo_mean_spearman``, or ``lds_mean`` for group-removal rows."""
+    return PRIMARY_METRIC if PRIMARY_METRIC in set(metrics) else PRIMARY_LDS_METRIC
 
 _LEADERBOARD_TEXT = ("task", "scale", "method", "variant", "measurement", "metric", "regime", "coupling")
 _LEADERBOARD_NUMBERS = ("value", "ci_low", "ci_high", "noise_ceiling", "runtime_s", "peak_rss_mb")

@@ -23,6 +23,7 @@ from .inputs import (
     GroundTruth,
     measurement_order,
     metric_sort_key,
+    primary_metric,
     text_column,
 )
 from .markdown import finite, fmt
@@ -220,13 +221,15 @@ def _draw_score_panel(ax: Axes, sm: pd.DataFrame, real: Sequence[str], refs: Seq
     ax.set_xlabel("number of seeds n")
 
 
-def plot_score_vs_seeds(svs: pd.DataFrame, measurements: Sequence[str], plot_dir: Path) -> list[tuple[str, Path, str]]:
+def plot_score_vs_seeds(svs: pd.DataFrame, measurements: Sequence[str], plot_dir: Path, prefix: str = ""
+                        ) -> list[tuple[str, Path, str]]:
     """Plot 3: score and noise ceiling vs number of seeds; one figure per measurement.
 
     Args:
         svs: ``score_vs_seeds.csv``, with at least :data:`SCORE_VS_SEEDS_COLUMNS`.
         measurements: The ground truth's measurement names (drawn first, in this order).
         plot_dir: Where the PNGs go.
+        prefix: Prepended to the PNG names (``lds_`` for the group-removal curves).
 
     Returns:
         ``[(measurement, png path, sentence reading off the primary metric)]``.
@@ -254,16 +257,16 @@ def plot_score_vs_seeds(svs: pd.DataFrame, measurements: Sequence[str], plot_dir
             axes[0].set_ylabel("score (mean ± SE over subsets)")
             axes[0].legend(fontsize=7, loc="best")
         fig.suptitle(f"Scores vs number of seeds, `{meas}`", fontsize=11)
-        path = save_figure(fig, plot_dir / f"score_vs_seeds_{_slug(meas)}.png")
+        path = save_figure(fig, plot_dir / f"{prefix}score_vs_seeds_{_slug(meas)}.png")
         out.append((meas, path, _read_off_score_vs_seeds(sub)))
     return out
 
 
 def _read_off_score_vs_seeds(sub: pd.DataFrame) -> str:
     """One sentence on the primary metric at the smallest and largest number of seeds."""
-    if PRIMARY_METRIC not in set(sub["metric"]):
+    metric = primary_metric(sub["metric"])
+    if metric not in set(sub["metric"]):
         return ""
-    metric = PRIMARY_METRIC
     sm = sub[sub["metric"] == metric]
     ns = sorted({int(n) for n in sm["n_seeds"] if finite(n)})
     if not ns:
@@ -283,7 +286,7 @@ def _read_off_score_vs_seeds(sub: pd.DataFrame) -> str:
         best = at_hi.loc[at_hi["value_mean"].idxmax()]
         text += f" and the best method, {best['method']}, reaches {fmt(best['value_mean'])} ± {fmt(best['value_se'])}"
     text += "."
-    if n_lo < n_hi and finite(c_lo) and finite(c_hi):
+    if n_lo < n_hi and finite(c_lo) and finite(c_hi) and metric == PRIMARY_METRIC:
         trend = "rises" if c_hi > c_lo else "does not rise"
         text += (
             f" The ceiling {trend} from {fmt(c_lo)} at n = {n_lo}: a perfect per-seed predictor scores "

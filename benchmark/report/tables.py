@@ -11,12 +11,12 @@ from typing import Any
 import pandas as pd
 
 from .inputs import (
-    PRIMARY_METRIC,
     REFERENCE_METHODS,
     as_bool,
     measurement_order,
     metric_sort_key,
     missing_columns,
+    primary_metric,
     text_column,
 )
 from .markdown import DASH, finite, fmt, fmt_ci, label, md_table
@@ -42,7 +42,7 @@ def ranking_only_methods(board: pd.DataFrame) -> set[str]:
 def _row_order(board: pd.DataFrame, measurement: str) -> list[tuple[str, str]]:
     """(method, variant) pairs: real methods by the primary metric (best first), then references."""
     pairs = list(dict.fromkeys(zip(board["method"], board["variant"])))
-    primary = board[(board["measurement"] == measurement) & (board["metric"] == PRIMARY_METRIC)]
+    primary = board[(board["measurement"] == measurement) & (board["metric"] == primary_metric(board["metric"]))]
     score = {(r.method, r.variant): float(r.value) for r in primary.itertuples() if finite(r.value)}
 
     def key(p: tuple[str, str]) -> tuple[int, float, str, str]:
@@ -73,7 +73,7 @@ def _best_values(rows_m: pd.DataFrame, metrics: Sequence[str]) -> dict[str, floa
     return best
 
 
-def _measurement_table(rows_m: pd.DataFrame, meas: str, ranking_only: set[str]) -> str:
+def score_table(rows_m: pd.DataFrame, meas: str, ranking_only: set[str]) -> str:
     """The score table of one measurement: a row per (method, variant), a column per metric."""
     metrics = sorted(set(rows_m["metric"]), key=metric_sort_key)
     ceilings = {m: _ceiling_text(rows_m.loc[rows_m["metric"] == m, "noise_ceiling"].tolist()) for m in metrics}
@@ -120,7 +120,7 @@ def leaderboard_section(board: pd.DataFrame, measurements: Sequence[str], rankin
     for meas in measurement_order(measurements, scores["measurement"]):
         rows_m = scores[scores["measurement"] == meas]
         if not rows_m.empty:
-            out += [f"### Measurement `{meas}`", "", _measurement_table(rows_m, meas, ranking_only), ""]
+            out += [f"### Measurement `{meas}`", "", score_table(rows_m, meas, ranking_only), ""]
     if ranking_only:
         out += ["† ranking-only method (no distributional predictions).", ""]
     out += _cost_table(board, measurements[0] if measurements else "")

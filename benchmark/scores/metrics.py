@@ -19,6 +19,17 @@ SCORE_NAMES_FIXED_SEED: tuple[str, ...] = ("loo_seed_pearson", "loo_seed_spearma
 #: The scores reported for ranking-only (``is_distributional=False``) methods.
 SCORE_NAMES_RANKING_ONLY: tuple[str, ...] = ("loo_mean_spearman", "loo_seed_spearman")
 
+#: The LDS twin of each score (``benchmark.lds``): the same estimator with subsets in the place of targets.
+LDS_METRICS: dict[str, str] = {
+    "loo_mean_spearman": "lds_mean",
+    "loo_mean_pearson": "lds_mean_pearson",
+    "var_influence_spearman": "lds_var",
+    "w2_influence_spearman": "lds_w2",
+    "distribution_skill": "lds_distribution_skill",
+    "loo_seed_pearson": "lds_seed_pearson",
+    "loo_seed_spearman": "lds_seed_spearman",
+}
+
 REGIME_DISTRIBUTIONAL = "distributional"
 REGIME_FIXED_SEED = "fixed_seed"
 #: Ways to turn bootstrap replicates into an interval (see :func:`score_method`).
