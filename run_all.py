@@ -37,7 +37,7 @@ def parse_list(value: str, registry_names: list[str], kind: str, option: str | N
         if n not in registry_names:
             raise UnknownNameError(kind, n, registry_names)
     if len(set(names)) != len(names):
-        raise OptionError(f"{option} lists a {kind} twice: {value!r}")
+        raise OptionError(f"{option} lists the same {kind} twice: {value!r}")
     return names
 
 

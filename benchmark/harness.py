@@ -43,7 +43,7 @@ from methods.base import Method, RemovalContext
 from tasks.base import Task
 
 REFERENCE_METHODS = ("zero", "random")
-EVALUATIONS = ("loo", "lds")
+EVALUATIONS = ("loo", "lds", "mechanism")
 PAIRED_METRICS = ("loo_mean_spearman", "distribution_skill", "loo_seed_spearman")
 
 
@@ -210,6 +210,7 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
             scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
             write_curves(run_dir / "further_training_curves.csv", further_training_curves(gold, scored))
             info["further_training_gold"] = {**gold.settings(), "wall_s": time.perf_counter() - start}
+    evaluations: list[Evaluation] = [loo] if "loo" in opts.evaluations else []
     if "lds" in opts.evaluations:
         start = time.perf_counter()
         lds_cfg = lds_config_for(task, opts.scale)
@@ -228,8 +229,50 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         _, lds_rows = evaluate_methods(evaluation, opts, store, common, train_one, info["lds"]["methods"], run_dir)
         rows += lds_rows
         info["lds"]["wall_s"] = time.perf_counter() - start
+        evaluations.append(evaluation)
+    if "mechanism" in opts.evaluations:
+        from benchmark.mechanism import run_mechanism  # the d-TDA mechanism study (Fig. 3, Remark 2)
+
+        start = time.perf_counter()
+        run_mechanism(opts.task, opts.scale, store, out_dir, opts.device, progress=opts.progress)
+        info["mechanism_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        segment_study(evaluations, store, opts, run_dir)
+        info["source_segments_s"] = time.perf_counter() - start
     atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
     return rows
+
+
+SOURCE_SEGMENTS = (1, 2, 3, 5)
+
+
+def segment_study(evaluations: list[Evaluation], store: UnitStore, opts: RunOptions, run_dir: Path) -> None:
+    """SOURCE with L ∈ ``SOURCE_SEGMENTS`` segments (capped at the number of epochs, one checkpoint per epoch)
+    on every evaluation: the primary score per L with CI and ceiling, and the paired bootstrap difference to
+    the next smaller L (Bae et al.: more segments should never hurt). Writes ``source_segments.csv``."""
+    from methods.source import Source, SourceConfig
+
+    records = []
+    for ev in evaluations:
+        epochs = ev.ctx.scale.train.epochs
+        previous: dict[str, np.ndarray] = {}
+        for n_seg in [n for n in SOURCE_SEGMENTS if n <= epochs]:
+            method = Source(SourceConfig(n_segments=n_seg))
+            per_example, runtime, _, _ = run_method(method, ev.ctx, ev.gt, store)
+            delta = ev.to_columns(per_example)
+            for j, meas in enumerate(ev.gt.measurement_names):
+                res = {r.metric: r for r in score_method(ev.gt.full[..., j], ev.gt.removed[..., j], delta[..., j],
+                                                         n_splits=opts.n_splits, n_boot=opts.n_boot, seed=0)}
+                r = res["loo_mean_spearman"]
+                diff = paired_difference_ci(r.replicates, previous[meas]) if meas in previous else (np.nan,) * 3
+                previous[meas] = r.replicates
+                records.append({"evaluation": ev.name, "n_segments": n_seg, "measurement": meas,
+                                "metric": ev.metric_name(r.metric), "value": r.value, "ci_low": r.ci_low,
+                                "ci_high": r.ci_high, "noise_ceiling": r.noise_ceiling, "diff_vs_previous": diff[0],
+                                "diff_ci_low": diff[1], "diff_ci_high": diff[2], "runtime_s": runtime})
+    buf = io.StringIO()
+    pd.DataFrame(records).to_csv(buf, index=False, float_format="%.6g")
+    atomic_write_bytes(run_dir / "source_segments.csv", buf.getvalue().encode())
 
 
 def make_context(task: Task, data: Any, scale: TaskScale, gt: GroundTruth, targets: torch.Tensor,

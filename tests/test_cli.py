@@ -53,6 +53,16 @@ def test_smoke_outputs(smoke: Path) -> None:
     # influence logs its damping per run as rows: λ and λ / mean eigenvalue (default 0.1)
     info = board[(board.method == "influence") & (board.regime == "info")].set_index("metric")["value"]
     assert info["damping_over_mean_eig"] == pytest.approx(0.1) and info["damping_mean"] > 0
+    # group removal: LDS ground truth, group predictions and lds_* rows with ceilings
+    lds = np.load(res / "mnist_mlp/smoke/lds_ground_truth.npz", allow_pickle=False)
+    r, m1, q_lds, _ = lds["measurements"].shape
+    assert lds["keep"].shape == (m1 - 1, 256) and q_lds == q
+    assert np.load(res / "mnist_mlp/smoke/predictions/lds_unroll.npz")["delta"].shape == (r, m1 - 1, q, m)
+    lds_rows = board[board.metric == "lds_mean"]
+    assert {"unroll", "influence", "random"} <= set(lds_rows["method"]) and lds_rows["noise_ceiling"].notna().all()
+    assert "further_training" not in set(lds_rows["method"])  # too costly for K = N: listed as not run
+    report = (res / "report.md").read_text()
+    assert "Group removal: LDS and distributional LDS" in report and "Replications" in report
 
 
 def test_check_passes_on_committed_baseline_and_fails_on_doctored(smoke: Path, tmp_path: Path) -> None:
@@ -83,7 +93,10 @@ def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -
     (["--coupling", "paired"], "--coupling must be one of: masked, deleted, independent"),
     (["--seeds", "2"], "--seeds must be >= 4"),
     (["--device", "tpu"], "--device must be one of: auto, cpu, cuda"),
-    (["--methods", "unroll,unroll"], "lists a method twice"),
+    (["--methods", "unroll,unroll"], "lists the same method twice"),
+    (["--eval", "loo,datamodels"], "unknown evaluation 'datamodels'; allowed: loo, lds, mechanism"),
+    (["--eval", "lds,lds"], "--eval lists the same evaluation twice"),
+    (["--lds-seeds", "3"], "--lds-seeds must be >= 4"),
 ])
 def test_bad_input_gives_clear_error(args: list[str], message: str, capsys: pytest.CaptureFixture[str],
                                      tmp_path: Path) -> None:

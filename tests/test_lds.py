@@ -144,3 +144,14 @@ def test_oracle_reaches_its_ceiling_and_references_score_zero(lds_tiny) -> None:
     rand = [r for r in rows if r["metric"] == "loo_mean_spearman"]
     assert all(abs(r["value"]) < 0.3 for r in rand)
     assert lds_metric_name("loo_mean_spearman") == "lds_mean" and lds_metric_name("w2_influence_spearman") == "lds_w2"
+
+
+@pytest.mark.parametrize("coupling", [Coupling.DELETED, Coupling.INDEPENDENT])
+def test_other_couplings_build(coupling: Coupling, tmp_path) -> None:  # noqa: ANN001
+    scale = tiny_scale(n_train=48, momentum=0.0, epochs=1)
+    task, data = make_task(scale)
+    cfg = LdsConfig(n_subsets=3, alpha=0.5, n_seeds=4, coupling=coupling, seeds_per_unit=4)
+    lds = build_lds_ground_truth(task, data, scale, cfg, UnitStore(tmp_path), torch.device("cpu"), progress=False)
+    assert lds.gt.measurements.shape[:2] == (4, 4) and np.isfinite(lds.gt.measurements).all()
+    if coupling is Coupling.INDEPENDENT:
+        assert lds.gt.seeds.shape == (4, 4) and len(np.unique(lds.gt.seeds[:, 1:])) == 12  # a fresh init per run

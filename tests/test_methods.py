@@ -10,7 +10,7 @@ from benchmark.engine import build_schedule, initial_params, train_models
 from benchmark.registry import METHODS
 from methods.base import RemovalContext
 from methods.influence import Curvature, Influence, InfluenceConfig, Solver
-from methods.unroll import Unroll
+from methods.unroll import Unroll, UnrollConfig
 from tests.conftest import (
     DENSE_CG_RTOL,
     EXACT_INFLUENCE,
@@ -40,6 +40,24 @@ def train_with_target_weight(task, data, scale, seeds, targets, queries, weight_
         theta = train_models(task, data, scale.train, scheds, theta0).theta
         out.append(task.measurements_batched(theta, data.x_test[queries], data.y_test[queries]))
     return torch.stack(out)
+
+
+@pytest.mark.parametrize("wrong_slot", [False, True])
+def test_unroll_reverse_mode_equals_forward_mode(wrong_slot: bool) -> None:
+    """Q·M adjoints pulled back through the trajectory give the same Δm as K forward tangents (momentum, wd,
+    a padded last batch); negative control: reading the adjoint at the wrong training index fails."""
+    scale = tiny_scale(n_train=42, hidden=(6,), activation="tanh", lr=0.3, momentum=0.9, wd=1e-3, batch=8, epochs=2)
+    task, data = make_task(scale)
+    seeds, targets, queries = [0, 3], torch.tensor([0, 5, 17, 41]), torch.arange(3)
+    ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=torch.zeros(2, task.n_params,
+                         dtype=torch.float64), seeds=seeds, targets=targets, queries=queries)
+    forward = Unroll(UnrollConfig(mode="forward")).predict(ctx)
+    rev_ctx = ctx if not wrong_slot else RemovalContext(**{**ctx.__dict__, "targets": (targets + 1) % 42})
+    reverse = Unroll(UnrollConfig(mode="reverse")).predict(rev_ctx)
+    err = float((forward - reverse).abs().max() / forward.abs().max())
+    assert (err < 1e-10) is not wrong_slot
+    assert Unroll().mode_for(ctx) == "forward"  # K = 4 < Q·M = 6
+    assert Unroll().mode_for(RemovalContext(**{**ctx.__dict__, "targets": torch.arange(42)})) == "reverse"
 
 
 @pytest.mark.parametrize("misalign_targets", [False, True])

@@ -33,6 +33,7 @@ from .plots import (
     plot_mean_effects,
     plot_score_vs_seeds,
 )
+from .replication import replication_lines
 from .tables import (
     leaderboard_section,
     paired_section,
@@ -261,6 +262,11 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     if gold_curves is not None:
         lines += _further_training_lines(gold_curves, gt, plot_dir, base)
     lines += _lds_lines(run_dir, lds_board, gt.measurement_names, ranking_only, plot_dir, base)
+    if (run_dir / "mechanism.csv").is_file():
+        from .mechanism_section import mechanism_report_lines
+
+        lines += mechanism_report_lines(run_dir, plot_dir, base)
+    lines += replication_lines(run_dir)
     lines += diagnostics_section(gt, plot_dir, base)
     paired_df = read_optional_csv(run_dir / "paired_differences.csv")
     if paired_df is not None:
