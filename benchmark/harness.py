@@ -33,7 +33,13 @@ import torch
 from benchmark import __version__
 from benchmark.config import CACHE_VERSION, Coupling, TaskScale
 from benchmark.engine import build_schedule, configure_determinism, initial_params, train_models
-from benchmark.further_training_gold import build_gold_standard, further_training_curves, gold_config_for, write_curves
+from benchmark.further_training_gold import (
+    SPLIT_HALF,
+    build_gold_standard,
+    further_training_curves,
+    gold_config_for,
+    write_curves,
+)
 from benchmark.ground_truth import GroundTruth, build_ground_truth
 from benchmark.lds import build_lds_ground_truth, group_predictions, lds_config_for, lds_metric_name
 from benchmark.registry import METHODS, TASKS
@@ -208,7 +214,9 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
             gold = build_gold_standard(ctx, store, gold_config_for(opts.scale))
             scored = {name: delta for name, (delta, _) in predictions.items()}
             scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
-            write_curves(run_dir / "further_training_curves.csv", further_training_curves(gold, scored))
+            curves = further_training_curves(gold, scored)
+            write_curves(run_dir / "further_training_curves.csv", curves)
+            rows += gold_rows(curves, loo_rows)
             info["further_training_gold"] = {**gold.settings(), "wall_s": time.perf_counter() - start}
     evaluations: list[Evaluation] = [loo] if "loo" in opts.evaluations else []
     if "lds" in opts.evaluations:
@@ -240,6 +248,26 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         segment_study(evaluations, store, opts, run_dir)
         info["source_segments_s"] = time.perf_counter() - start
     atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
+    return rows
+
+
+def gold_rows(curves: pd.DataFrame, method_rows: list[dict]) -> list[dict]:
+    """Leaderboard rows for Wei et al.'s metric: per method, measurement and metric (cosine, Spearman), the
+    mean over (seed, query) at the first and the last further-training epoch as ``ft_gold_<metric>_e<E>``
+    (regime ``further_training``), CI = mean ± 1.96 SEM, noise ceiling = the gold's own split-half value."""
+    base = {r["method"]: r for r in method_rows if r["regime"] == "cost"}
+    epochs = sorted({int(e) for e in curves["epoch"]})
+    ceiling = {(r.measurement, r.metric, int(r.epoch)): float(r.mean)
+               for r in curves[curves["method"] == SPLIT_HALF].itertuples()}
+    rows = []
+    for r in curves[curves["method"].isin(list(base)) & curves["epoch"].isin({epochs[0], epochs[-1]})].itertuples():
+        half = 1.96 * float(r.sem)
+        n_seeds = int(round(float(r.n) / base[r.method]["n_queries"]))  # scored on the gold's seeds
+        rows.append({**base[r.method], "n_seeds": n_seeds, "measurement": r.measurement,
+                     "metric": f"ft_gold_{r.metric}_e{int(r.epoch)}",
+                     "regime": "further_training", "value": float(r.mean), "ci_low": float(r.mean) - half,
+                     "ci_high": float(r.mean) + half,
+                     "noise_ceiling": ceiling.get((r.measurement, r.metric, int(r.epoch)), np.nan)})
     return rows
 
 

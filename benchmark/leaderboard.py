@@ -5,6 +5,9 @@ ad-hoc columns; a change of columns bumps ``SCHEMA_VERSION``. Regimes: ``distrib
 ``fixed_seed`` (scores, with ``noise_ceiling``), ``cost`` (``runtime_rel_training``) and ``info`` (what a
 method logged for that run, e.g. influence's ``damping_mean`` = λ and ``damping_over_mean_eig``).
 Group-removal rows (``benchmark.lds``) carry ``lds_*`` metrics; for them ``n_targets`` counts subsets.
+Regime ``further_training``: Wei et al.'s cosine / Spearman to the further-training gold standard at the
+first and last further-training epoch (``ft_gold_<metric>_e<E>``, CI ± 1.96 SEM, ceiling = the gold's
+split-half agreement).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ COLUMNS: tuple[str, ...] = (
 )
 # Scores where higher is better; the regression check applies to these only (never to runtime).
 HIGHER_IS_BETTER = set(LDS_METRICS) | set(LDS_METRICS.values())  # the LOO scores and their LDS twins
+GOLD_PREFIX = "ft_gold_"  # Wei et al.'s metric against the further-training gold standard, higher is better
+
+
+def higher_is_better(metric: str) -> bool:
+    return metric in HIGHER_IS_BETTER or metric.startswith(GOLD_PREFIX)
 KEY_COLUMNS = ("task", "scale", "method", "variant", "measurement", "metric", "coupling")
 
 
@@ -79,7 +87,7 @@ def check_regression(current: pd.DataFrame, baseline_path: Path, tol: float = 0.
     if not baseline_path.is_file():
         raise FileNotFoundError(f"--check baseline {baseline_path} does not exist")
     base = pd.read_csv(baseline_path)
-    base = base[base["metric"].isin(HIGHER_IS_BETTER) & base["ci_low"].notna()]
+    base = base[base["metric"].map(higher_is_better) & base["ci_low"].notna()]
     cur = {tuple(r[c] for c in KEY_COLUMNS): r["value"] for _, r in current.iterrows()}
     out = []
     for _, row in base.iterrows():
