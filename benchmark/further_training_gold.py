@@ -230,6 +230,28 @@ def further_training_curves(gold: GoldStandard, predictions: Mapping[str, np.nda
     return pd.DataFrame(rows, columns=list(CURVE_COLUMNS))
 
 
+def replicate_curve(gold: GoldStandard) -> pd.DataFrame:
+    """How many further-training replicates the gold standard needs (Wei et al.: 10–20 capture most of the
+    benefit): the mean diff of the first r replicates of half A (uncentred, as a method's scores) against the
+    centred mean of half B (the other R/2 replicates), Wei's metric per epoch, for r = 1, 2, 4, …, R/2.
+    Columns ``n_replicates`` and ``CURVE_COLUMNS`` (``method`` = ``further_training_r<r>``)."""
+    half = gold.config.n_repeats // 2
+    target = gold.centred(slice(half, None))  # [S, E, K, Q, M]
+    sizes = sorted({*(2 ** i for i in range(int(math.log2(max(half, 1))) + 1)), half})
+    frames = []
+    for r in sizes:
+        w = gold.valid[:, :r].astype(np.float64)[..., None, None, None, None]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (gold.diff[:, :r] * w).sum(1) / w.sum(1)  # [S, E, K, Q, M]
+        pred_t, gold_t = np.moveaxis(mean, -1, 2), np.moveaxis(target, -1, 2)
+        scores = {"cosine": np.moveaxis(cosine_over_targets(pred_t, gold_t), 2, -1),
+                  "spearman": np.moveaxis(spearman_over_targets(pred_t, gold_t), 2, -1)}
+        frame = pd.DataFrame(curve_rows(f"further_training_r{r}", scores, gold.measurement_names),
+                             columns=list(CURVE_COLUMNS))
+        frames.append(frame.assign(n_replicates=r))
+    return pd.concat(frames, ignore_index=True)
+
+
 def write_curves(path: Path, frame: pd.DataFrame) -> None:
     buf = io.StringIO()
     frame.to_csv(buf, index=False, float_format="%.6g")

@@ -38,6 +38,7 @@ from benchmark.further_training_gold import (
     build_gold_standard,
     further_training_curves,
     gold_config_for,
+    replicate_curve,
     write_curves,
 )
 from benchmark.ground_truth import GroundTruth, build_ground_truth
@@ -217,6 +218,7 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
             curves = further_training_curves(gold, scored)
             write_curves(run_dir / "further_training_curves.csv", curves)
             rows += gold_rows(curves, loo_rows)
+            write_curves(run_dir / "further_training_replicates.csv", replicate_curve(gold))
             info["further_training_gold"] = {**gold.settings(), "wall_s": time.perf_counter() - start}
     evaluations: list[Evaluation] = [loo] if "loo" in opts.evaluations else []
     if "lds" in opts.evaluations:

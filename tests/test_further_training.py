@@ -274,3 +274,23 @@ def test_option_errors() -> None:
         GoldConfig(n_repeats=1)
     assert FurtherTraining().variant() == "default"
     assert FurtherTraining(FurtherTrainingConfig(epochs=2)).variant() == "epochs=2"
+
+
+@pytest.mark.parametrize("noise", [0.5, 0.0])
+def test_replicate_curve_rises_with_replicates(noise: float) -> None:
+    """Replicates = a common signal + independent noise: agreement with the other half rises with r when
+    there is noise, and is exactly 1 at every r when there is none (the negative control for the rise)."""
+    rng = np.random.default_rng(3)
+    s, r, e, k, q, m = 3, 16, 2, 40, 4, 1
+    signal = rng.standard_normal((s, 1, e, k, q, m))
+    diff = signal + noise * rng.standard_normal((s, r, e, k, q, m))
+    gold = GoldStandard(diff=diff, valid=np.ones((s, r), dtype=bool), seeds=[0, 1, 2], measurement_names=("loss",),
+                        config=GoldConfig(n_repeats=r, epochs=e), lr=0.01, key="fake")
+    frame = ftg.replicate_curve(gold)
+    cos = frame[(frame["metric"] == "cosine") & (frame["epoch"] == 1)].sort_values("n_replicates")
+    assert list(cos["n_replicates"]) == [1, 2, 4, 8]
+    if noise:
+        assert np.all(np.diff(cos["mean"].to_numpy()) > 0) and cos["mean"].iloc[-1] > cos["mean"].iloc[0] + 0.05
+    else:
+        # uncentred method scores against the centred gold: equal up to the target mean's offset
+        assert np.allclose(cos["mean"], cos["mean"].iloc[0])

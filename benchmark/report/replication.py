@@ -225,6 +225,28 @@ def wei_claims(run_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
+def wei_replicates_claim(run_dir: Path) -> dict[str, str]:
+    """Wei et al. §3.3: averaging further training over seeds matters; 10–20 seeds capture most of the benefit."""
+    claim = "averaging further training over seeds raises agreement with diminishing returns"
+    rule = ("at the first epoch, cosine(r_max) − cosine(1) > 2 SEM (averaging helps) and the last doubling of r "
+            "adds < 1/3 of the total gain (diminishing)")
+    frame = read_optional_csv(run_dir / "further_training_replicates.csv")
+    if frame is None:
+        return _row("Wei", claim, "further_training_replicates.csv", "—", "—", NOT_TESTED, rule)
+    measurement = str(frame["measurement"].iloc[0])
+    sub = frame[(frame["metric"] == "cosine") & (frame["measurement"] == measurement)]
+    sub = sub[sub["epoch"] == sub["epoch"].min()].sort_values("n_replicates")
+    rs = sub["n_replicates"].to_numpy()
+    cos, sem = sub["mean"].to_numpy(), sub["sem"].to_numpy()
+    gain = cos[-1] - cos[0]
+    last = cos[-1] - cos[-2] if len(cos) > 1 else math.nan
+    helps = gain > 2 * math.hypot(sem[0], sem[-1])
+    verdict = REPRODUCED if helps and last < gain / 3 else (INCONCLUSIVE if not helps else NOT_REPRODUCED)
+    value = ", ".join(f"r={int(r)}: {c:.3f}" for r, c in zip(rs, cos))
+    figure = f"further_training_replicates.csv, cosine ({measurement}), epoch {int(sub['epoch'].iloc[0])}"
+    return _row("Wei", claim, figure, value, f"gain {gain:+.3f}, last doubling {last:+.3f}", verdict, rule)
+
+
 def _mechanism_rows(run_dir: Path) -> list[dict[str, str]]:
     if not (run_dir / "mechanism.csv").is_file():
         return [_row("d-TDA", "unrolled differentiation → influence functions late in training; nullspace term small",
@@ -247,6 +269,7 @@ def replication_rows(run_dir: Path) -> list[dict[str, str]]:
     rows += source_segments_claim(run_dir)
     rows += source_vs_if_claim(run_dir)
     rows += wei_claims(run_dir)
+    rows.append(wei_replicates_claim(run_dir))
     return rows
 
 
