@@ -22,8 +22,10 @@ a mean-only predictor: ``distributional = False``; its loss column uses mean_s (
 from __future__ import annotations
 
 import enum
+import hashlib
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from benchmark.config import OptionError, derive_seed, parse_enum
 from benchmark.registry import register_method
+from benchmark.store import content_key
 from methods.base import Method, RemovalContext
 from tasks.base import margin_from_logits
 
@@ -98,6 +101,10 @@ def correct_prob(ctx: RemovalContext, theta: Tensor, x: Tensor, y: Tensor) -> Te
         return torch.softmax(ctx.task.logits(theta, x), -1).gather(1, y.unsqueeze(1)).squeeze(1)
 
 
+_MEMO_SIZE = 4096  # per-seed score sets kept in memory ([K, Q] each)
+_SEED_SCORES: OrderedDict[str, tuple[Tensor, Tensor, Tensor, float]] = OrderedDict()
+
+
 @register_method("trak")
 class Trak(Method):
     is_distributional = True
@@ -110,8 +117,21 @@ class Trak(Method):
         return min(self.config.proj_dim, n_params, ctx.n_train)
 
     def seed_scores(self, ctx: RemovalContext, s: int) -> tuple[Tensor, Tensor, Tensor, float]:
-        """TRAK's scores φ_qᵀ(ΦᵀRΦ + λI)⁻¹φ_k [K, Q] (no (1 − p_k) yet), 1 − p_k [K], 1 − p_q [Q], λ."""
-        cfg, theta = self.config, ctx.theta_full[s].clone()
+        """TRAK's scores φ_qᵀ(ΦᵀRΦ + λI)⁻¹φ_k [K, Q] (no (1 − p_k) yet), 1 − p_k [K], 1 − p_q [Q], λ.
+        Memoised in-process by content (config, θ_s, data, targets, queries), so ``trak_ensemble`` reuses the
+        per-seed work of ``trak`` in the same run."""
+        theta = ctx.theta_full[s].clone()
+        key = content_key(self.config_dict(), asdict(ctx.scale), ctx.task.name, str(theta.dtype),
+                          hashlib.sha256(theta.detach().cpu().numpy().tobytes()).hexdigest(),
+                          ctx.targets.tolist(), ctx.queries.tolist())
+        if key not in _SEED_SCORES:
+            _SEED_SCORES[key] = self._seed_scores(ctx, theta)
+            while len(_SEED_SCORES) > _MEMO_SIZE:
+                _SEED_SCORES.popitem(last=False)
+        return _SEED_SCORES[key]
+
+    def _seed_scores(self, ctx: RemovalContext, theta: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+        cfg = self.config
         dim = self.projected_dim(ctx)
         x, y = ctx.data.x_train, ctx.data.y_train
         phi = features(ctx, cfg, theta, x, y, dim)  # [N, d]

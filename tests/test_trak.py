@@ -63,3 +63,21 @@ def test_trak_options() -> None:
         TrakConfig(projection="sjlt")
     with pytest.raises(ValueError, match="proj_dim must be >= 1"):
         TrakConfig(proj_dim=0)
+
+
+def test_ensemble_reuses_the_per_seed_scores_of_trak(small_glm_ctx: RemovalContext) -> None:
+    """The in-process memo: trak_ensemble after trak computes no new seed scores and equals a fresh run;
+    another θ is a different entry (the key is the content, not the seed index)."""
+    from methods import trak as trak_module
+
+    trak_module._SEED_SCORES.clear()
+    Trak().predict(small_glm_ctx)
+    n_entries = len(trak_module._SEED_SCORES)
+    assert n_entries == small_glm_ctx.n_seeds
+    reused = TrakEnsemble().predict(small_glm_ctx)
+    assert len(trak_module._SEED_SCORES) == n_entries
+    trak_module._SEED_SCORES.clear()
+    assert torch.equal(reused, TrakEnsemble().predict(small_glm_ctx))
+    moved = RemovalContext(**{**small_glm_ctx.__dict__, "theta_full": small_glm_ctx.theta_full * 1.01})
+    Trak().predict(moved)
+    assert len(trak_module._SEED_SCORES) == 2 * n_entries
