@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from benchmark.config import CACHE_VERSION, Coupling, GroundTruthConfig, TaskScale, derive_seed
+from benchmark.config import CACHE_VERSION, Coupling, GroundTruthConfig, OptionError, TaskScale, derive_seed
 from benchmark.engine import build_schedule, init_seed, initial_params, train_models
 from benchmark.store import UnitStore, atomic_write_bytes, content_key
 from tasks.base import Task, TaskData, cross_entropy
@@ -198,21 +198,29 @@ def assemble_ground_truth(cat: dict[str, Tensor], seeds: list[int], seed_arr: np
 def build_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: UnitStore,
                        device: torch.device, progress: bool = True) -> GroundTruth:
     """Compute (or load from the store) every unit of the ground truth and assemble it."""
+    targets, queries = select_targets_and_queries(data, scale.ground_truth, task.name)
+    return build_loo_ground_truth(task, data, scale, store, device, targets, queries, scale.ground_truth.seeds,
+                                  progress=progress)
+
+
+def build_loo_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: UnitStore, device: torch.device,
+                           targets: Tensor, queries: Tensor, seeds: list[int], progress: bool = True,
+                           tags: dict | None = None, key_parts: tuple = ()) -> GroundTruth:
+    """The LOO ground truth for explicit targets, queries and seeds (the tuning split uses its own), in units
+    of ``seeds_per_unit`` seeds; ``key_parts`` salt the assembled key (not the units')."""
     cfg = scale.ground_truth
     if cfg.coupling is Coupling.MASKED and not task.supports_masked:
-        raise ValueError(f"task {task.name!r} does not support coupling 'masked'; use deleted or independent")
-    targets, queries = select_targets_and_queries(data, cfg, task.name)
-    seeds = cfg.seeds
+        raise OptionError(f"task {task.name!r} does not support coupling 'masked'; use deleted or independent")
     units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
     cat, keys = load_or_train_units(
         store, units,
         key_fn=lambda u: unit_key(task, scale, u, targets, queries, cfg.coupling, data.x_train.dtype, device),
         train_fn=lambda u: train_unit(task, data, scale, u, targets, queries, cfg.coupling),
-        kind="loo_ground_truth", tags={"task": task.name, "coupling": cfg.coupling.value},
+        kind="loo_ground_truth", tags={"task": task.name, "coupling": cfg.coupling.value, **(tags or {})},
         desc=f"ground truth {task.name}", progress=progress)
     seed_arr = np.asarray(seeds)
     if cfg.coupling is Coupling.INDEPENDENT:
         seed_arr = np.array([[s] + [init_seed(task.name, s, int(k), cfg.coupling) for k in targets] for s in seeds],
                             dtype=np.int64)  # [S, 1+K]: the full run's seed, then each removal run's init seed
     return assemble_ground_truth(cat, seeds, seed_arr, task, cfg.coupling, targets.numpy(), queries.numpy(),
-                                 content_key(keys))
+                                 content_key(*key_parts, keys))

@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 
 from benchmark import __version__
-from benchmark.config import Coupling, GroundTruthConfig, OptionError, Scale, TaskScale, derive_seed, parse_enum
-from benchmark.engine import configure_determinism, init_seed, resolve_device
-from benchmark.ground_truth import GroundTruth, select_targets_and_queries, train_unit, unit_key
+from benchmark.config import GroundTruthConfig, OptionError, Scale, TaskScale, derive_seed, parse_enum
+from benchmark.engine import configure_determinism, resolve_device
+from benchmark.ground_truth import GroundTruth, build_loo_ground_truth, select_targets_and_queries
 from benchmark.harness import git_commit, run_method
 from benchmark.registry import METHODS, TASKS, UnknownNameError
 from benchmark.scores import SCORE_NAMES_DISTRIBUTIONAL, SCORE_NAMES_FIXED_SEED, metric_names, score_method
@@ -145,39 +145,10 @@ def make_split(task: Task, data: TaskData, scale: TaskScale, opts: TuningOptions
 def build_tuning_ground_truth(task: Task, data: TaskData, scale: TaskScale, split: TuningSplit, store: UnitStore,
                               progress: bool = False) -> GroundTruth:
     """S_t × (full + K_t removals) on the tuning split, in units of ``seeds_per_unit`` seeds cached in the
-    store (``benchmark.ground_truth.unit_key`` / ``train_unit``); diverged seeds are dropped whole."""
-    cfg = scale.ground_truth
-    if cfg.coupling is Coupling.MASKED and not task.supports_masked:
-        raise OptionError(f"task {task.name!r} does not support coupling 'masked'; use deleted or independent")
-    device, seeds = data.x_train.device, split.seeds
-    parts, keys = [], []
-    for i in range(0, len(seeds), cfg.seeds_per_unit):
-        unit_seeds = seeds[i:i + cfg.seeds_per_unit]
-        key, config = unit_key(task, scale, unit_seeds, split.targets, split.queries, cfg.coupling,
-                               data.x_train.dtype, device)
-        tensors = store.get(key, config)
-        if tensors is None:
-            if progress:
-                print(f"[tuning] ground truth seeds {unit_seeds[0]}…{unit_seeds[-1]} …", file=sys.stderr, flush=True)
-            tensors = train_unit(task, data, scale, unit_seeds, split.targets, split.queries, cfg.coupling)
-            store.put(key, config, tensors, kind="loo_ground_truth",
-                      tags={"task": task.name, "seeds": [unit_seeds[0], unit_seeds[-1]], "split": "tuning"})
-        keys.append(key)
-        parts.append(tensors)
-    cat = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    failed = cat["failed"].any(1).numpy()
-    if failed.any():
-        warnings.warn(f"{int(failed.sum())} tuning seed(s) diverged and are dropped", stacklevel=2)
-    keep, seed_arr = ~failed, np.asarray(seeds)
-    if cfg.coupling is Coupling.INDEPENDENT:
-        seed_arr = np.array([[s] + [init_seed(task.name, s, int(k), cfg.coupling) for k in split.targets]
-                             for s in seeds], dtype=np.int64)  # [S, 1+K]
-    return GroundTruth(
-        measurements=cat["measurements"].double().numpy()[keep], measurement_names=task.measurement_names,
-        targets=split.targets.numpy(), queries=split.queries.numpy(), seeds=seed_arr[keep], coupling=cfg.coupling,
-        theta_full=cat["theta_full"][torch.as_tensor(keep)], checkpoints=cat["checkpoints"][torch.as_tensor(keep)],
-        diagnostics={k: cat[k].double().numpy()[keep] for k in ("train_acc", "test_acc", "grad_norm")},
-        n_failed=int(failed.sum()), key=content_key("tuning_ground_truth", keys))
+    store (``benchmark.ground_truth.build_loo_ground_truth``); diverged seeds are dropped whole."""
+    return build_loo_ground_truth(task, data, scale, store, data.x_train.device, split.targets, split.queries,
+                                  split.seeds, progress=progress, tags={"split": "tuning"},
+                                  key_parts=("tuning_ground_truth",))
 
 
 def config_with(method_cls: type[Method], param: str, value: Any) -> Any:
