@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="skip report.md and plots")
     p.add_argument("--no-further-training-gold", action="store_true",
                    help="skip Wei et al.'s further-training gold standard and its curves")
-    p.add_argument("--eval", default="loo,lds",
-                   help="comma-separated evaluations: loo (leave-one-out) and/or lds (group removal: LDS and "
-                        "distributional LDS); default loo,lds")
+    p.add_argument("--eval", default="loo,lds,mechanism",
+                   help="comma-separated evaluations: loo (leave-one-out), lds (group removal: LDS and "
+                        "distributional LDS), mechanism (the d-TDA mechanism study and SOURCE segments); "
+                        "default all three")
     p.add_argument("--lds-seeds", type=int, default=None, help="seeds R of the LDS ground truth (default: the scale's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

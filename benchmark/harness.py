@@ -67,7 +67,7 @@ class RunOptions:
     n_splits: int = 20
     progress: bool = True
     further_training_gold: bool = True  # score every method against Wei et al.'s further-training gold standard
-    evaluations: tuple[str, ...] = ("loo", "lds")  # subset of EVALUATIONS
+    evaluations: tuple[str, ...] = ("loo", "lds", "mechanism")  # subset of EVALUATIONS
     lds_seeds: int | None = None  # None: the task's LDS setting for the scale
 
 
