@@ -70,7 +70,7 @@ def test_check_passes_on_committed_baseline_and_fails_on_doctored(smoke: Path, t
     assert run_all.check_regression(pd.read_csv(board), REPO / "results/baselines/smoke.csv") == []
     doctored = pd.read_csv(REPO / "results/baselines/smoke.csv")
     row = (doctored.method == "unroll") & (doctored.metric == "loo_seed_spearman") & (doctored.measurement == "loss")
-    doctored.loc[row, "ci_low"] = 0.99 + 0.05 + 1.0
+    doctored.loc[row, ["value", "ci_low"]] = 0.99 + 0.05 + 1.0  # the check uses min(ci_low, value)
     path = tmp_path / "doctored.csv"
     doctored.to_csv(path, index=False)
     failures = run_all.check_regression(pd.read_csv(board), path)
@@ -79,10 +79,11 @@ def test_check_passes_on_committed_baseline_and_fails_on_doctored(smoke: Path, t
 
 def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -> None:
     doctored = pd.read_csv(REPO / "results/baselines/smoke.csv")
-    doctored.loc[doctored.metric == "loo_mean_pearson", "ci_low"] = 2.0
+    doctored.loc[doctored.metric == "loo_mean_pearson", ["value", "ci_low"]] = 2.0
     doctored.to_csv(tmp_path / "b.csv", index=False)
     args = ["--scale", "smoke", "--quiet", "--no-report", "--device", "cpu", "--methods", "unroll,influence",
-            "--out", str(tmp_path / "r"), "--cache", str(smoke / "cache"), "--check", str(tmp_path / "b.csv")]
+            "--eval", "loo", "--out", str(tmp_path / "r"), "--cache", str(smoke / "cache"),
+            "--check", str(tmp_path / "b.csv")]
     assert run_all.main(args) == 1
 
 
@@ -115,7 +116,7 @@ def test_resume_after_kill_recomputes_nothing(smoke: Path, tmp_path: Path) -> No
     """kill -9 a run after its first ground-truth unit lands; the rerun reuses it and equals a clean run."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     cmd = [sys.executable, str(REPO / "run_all.py"), "--scale", "smoke", "--quiet", "--no-report", "--device", "cpu",
-           "--methods", "unroll", "--out", str(out), "--cache", str(cache)]
+           "--methods", "unroll", "--eval", "loo", "--out", str(out), "--cache", str(cache)]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     units: list[Path] = []

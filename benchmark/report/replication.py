@@ -228,7 +228,7 @@ def wei_claims(run_dir: Path) -> list[dict[str, str]]:
 def wei_replicates_claim(run_dir: Path) -> dict[str, str]:
     """Wei et al. §3.3: averaging further training over seeds matters; 10–20 seeds capture most of the benefit."""
     claim = "averaging further training over seeds raises agreement with diminishing returns"
-    rule = ("at the first epoch, cosine(r_max) − cosine(1) > 2 SEM (averaging helps) and the last doubling of r "
+    rule = ("at the first epoch, cosine(r_max) − cosine(1) > 2 SEM (averaging helps) and the last step of r "
             "adds < 1/3 of the total gain (diminishing)")
     frame = read_optional_csv(run_dir / "further_training_replicates.csv")
     if frame is None:
@@ -244,19 +244,27 @@ def wei_replicates_claim(run_dir: Path) -> dict[str, str]:
     verdict = REPRODUCED if helps and last < gain / 3 else (INCONCLUSIVE if not helps else NOT_REPRODUCED)
     value = ", ".join(f"r={int(r)}: {c:.3f}" for r, c in zip(rs, cos))
     figure = f"further_training_replicates.csv, cosine ({measurement}), epoch {int(sub['epoch'].iloc[0])}"
-    return _row("Wei", claim, figure, value, f"gain {gain:+.3f}, last doubling {last:+.3f}", verdict, rule)
+    return _row("Wei", claim, figure, value, f"gain {gain:+.3f}, last step {last:+.3f}", verdict, rule)
 
 
 def _mechanism_rows(run_dir: Path) -> list[dict[str, str]]:
     if not (run_dir / "mechanism.csv").is_file():
         return [_row("d-TDA", "unrolled differentiation → influence functions late in training; nullspace term small",
                      "mechanism.csv", "—", "—", NOT_TESTED, "run with --eval mechanism")]
-    from .mechanism_section import mechanism_claims
+    from .mechanism_section import COLSPACE_HIGH, COLSPACE_LOW, UD_IF_HIGH, mechanism_claims
 
+    rules = {  # the decision rules of benchmark.report.mechanism_section.claims_from, in words
+        "UD": (f"reproduced if the best lr's last UD–IF correlation ≥ {UD_IF_HIGH}, every lr's curve rises and the "
+               "smallest lr lies above the largest at matched η·t; not reproduced if no curve rises; else "
+               "inconclusive"),
+        "nullspace": (f"reproduced if the smallest column-space fraction ≥ {COLSPACE_HIGH}; not reproduced if "
+                      f"< {COLSPACE_LOW}; else inconclusive"),
+    }
     rows = []
     for r in mechanism_claims(run_dir):
+        rule = next((text for key, text in rules.items() if str(r["claim"]).startswith(key)), "")
         rows.append(_row("d-TDA", str(r["claim"]), str(r["figure"]), str(r["value"]), str(r["ci"]),
-                         str(r["verdict"]), str(r.get("rule", ""))))
+                         str(r["verdict"]), str(r.get("rule", rule))))
     return rows
 
 
