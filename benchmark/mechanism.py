@@ -94,7 +94,6 @@ from benchmark.engine import (
     build_schedule,
     configure_determinism,
     initial_params,
-    learning_rates,
     steps_per_epoch,
     train_models,
 )
@@ -105,7 +104,7 @@ from benchmark.store import UnitStore, atomic_write_bytes, content_key
 from methods.base import RemovalContext, example_loss_grads, measurement_grads
 from methods.influence import Influence, InfluenceConfig
 from methods.kfac import LayerBlock, layer_blocks
-from methods.unroll import sgd_update
+from methods.unroll import replay_schedules, sgd_update
 from tasks.base import Task, TaskData
 
 COLUMNS = (
@@ -209,12 +208,8 @@ def unroll_predictions(
 def _replay_chunk(ctx: RemovalContext, seed_ids: list[int], record_epochs: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     task, data, cfg = ctx.task, ctx.data, ctx.scale.train
     dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
-    scheds = [ctx.schedule(i) for i in seed_ids]
-    idx = torch.stack([s.idx for s in scheds]).to(device)  # [s, T, B]
-    weight = torch.stack([s.weight for s in scheds]).to(device, dtype)
-    denom = torch.stack([s.denom for s in scheds]).to(device, dtype)
-    lrs = learning_rates(cfg, idx.shape[1]).tolist()
-    theta = initial_params(task, [ctx.seeds[i] for i in seed_ids], dtype, device)  # [s, P]
+    seeds, idx, weight, denom, lrs = replay_schedules(ctx, seed_ids)  # idx [s, T, B]
+    theta = initial_params(task, seeds, dtype, device)  # [s, P]
     vel = torch.zeros_like(theta)
     r_theta = theta.new_zeros(len(seed_ids), ctx.targets.numel(), theta.shape[1])  # [s, K, P]
     r_vel = torch.zeros_like(r_theta)

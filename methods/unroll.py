@@ -54,6 +54,19 @@ class UnrollConfig:
             raise OptionError(f"UnrollConfig.mode must be one of: {', '.join(UNROLL_MODES)}; got {self.mode!r}")
 
 
+def replay_schedules(ctx: RemovalContext, seed_ids: list[int]
+                     ) -> tuple[list[int], Tensor, Tensor, Tensor, list[float]]:
+    """The seeds' full-run batch schedules stacked on ``ctx``'s device: seeds, idx [s, T, B], weight [s, T, B],
+    denom [s, T] (float, like θ) and η_t [T]."""
+    seeds = [ctx.seeds[i] for i in seed_ids]
+    dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
+    schedules = [build_schedule(ctx.task.name, ctx.n_train, ctx.scale.train, s, None, Coupling.MASKED) for s in seeds]
+    idx = torch.stack([s.idx for s in schedules]).to(device)
+    weight = torch.stack([s.weight for s in schedules]).to(device, dtype)
+    denom = torch.stack([s.denom for s in schedules]).to(device, dtype)
+    return seeds, idx, weight, denom, learning_rates(ctx.scale.train, idx.shape[1]).tolist()
+
+
 def sgd_update(task: Task, wd: float, beta: float) -> Callable[..., tuple[Tensor, Tensor]]:
     """The engine's weighted SGD step as a pure function of (θ, v, w): g = (1/B)Σ w_i∇ℓ_i + wd·θ,
     v' = βv + g, θ' = θ − ηv' (for jvp / vjp through one step of one model)."""
@@ -81,13 +94,8 @@ class Unroll(Method):
     def tangents(self, ctx: RemovalContext, seed_ids: list[int]) -> tuple[Tensor, Tensor]:
         """Replays the seeds' training; returns θ_T [s, P] and r^θ_T [s, K, P]."""
         task, data, cfg = ctx.task, ctx.data, ctx.scale.train
-        seeds = [ctx.seeds[i] for i in seed_ids]
+        seeds, idx, weight, denom, lrs = replay_schedules(ctx, seed_ids)
         dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
-        schedules = [build_schedule(task.name, ctx.n_train, cfg, s, None, Coupling.MASKED) for s in seeds]
-        idx = torch.stack([s.idx for s in schedules]).to(device)  # [s, T, B]
-        weight = torch.stack([s.weight for s in schedules]).to(device, dtype)
-        denom = torch.stack([s.denom for s in schedules]).to(device, dtype)
-        lrs = learning_rates(cfg, idx.shape[1]).tolist()
         theta = initial_params(task, seeds, dtype, device)  # [s, P]
         vel = torch.zeros_like(theta)
         n_targets = ctx.targets.numel()
@@ -124,13 +132,8 @@ class Unroll(Method):
         """Replays the seeds' training storing (θ_t, v_t), then pulls the Q·M measurement gradients back;
         returns θ_T [s, P] and dm/dε_k [s, K, Q, M] (ε = 1 is the removal of target k)."""
         task, data, cfg = ctx.task, ctx.data, ctx.scale.train
-        seeds = [ctx.seeds[i] for i in seed_ids]
+        seeds, idx, weight, denom, lrs = replay_schedules(ctx, seed_ids)
         dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
-        schedules = [build_schedule(task.name, ctx.n_train, cfg, s, None, Coupling.MASKED) for s in seeds]
-        idx = torch.stack([s.idx for s in schedules]).to(device)  # [s, T, B]
-        weight = torch.stack([s.weight for s in schedules]).to(device, dtype)
-        denom = torch.stack([s.denom for s in schedules]).to(device, dtype)
-        lrs = learning_rates(cfg, idx.shape[1]).tolist()
         wd, beta = cfg.weight_decay, cfg.momentum
 
         update = sgd_update(task, wd, beta)
