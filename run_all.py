@@ -2,6 +2,8 @@
 
     python run_all.py                                   # every task and method at the `small` scale
     python run_all.py --scale smoke --check results/baselines/smoke.csv   # the CI regression check
+    python run_all.py --scale paper --dry-run          # the plan: units, cached, runs, estimated minutes
+    python run_all.py --executor process --workers 2   # ground truth on a process pool (also slurm, ray)
 
 Writes results/leaderboard.csv, results/report.md (+ plots) and raw arrays under results/<task>/<scale>/.
 """
@@ -9,6 +11,7 @@ Writes results/leaderboard.csv, results/report.md (+ plots) and raw arrays under
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -20,6 +23,7 @@ import methods  # noqa: F401  (registers the methods)
 import tasks  # noqa: F401  (registers the tasks)
 from benchmark.config import Coupling, OptionError, Scale, parse_enum
 from benchmark.engine import resolve_device
+from benchmark.executors import EXECUTORS, ExecutorSpec, SlurmSettings, make_executor
 from benchmark.harness import EVALUATIONS, REFERENCE_METHODS, RunOptions, run
 from benchmark.leaderboard import check_regression, merge_into, to_frame
 from benchmark.registry import METHODS, TASKS, UnknownNameError
@@ -63,7 +67,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "default all three")
     p.add_argument("--lds-seeds", type=int, default=None, help="seeds R of the LDS ground truth (default: the scale's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("scale-out (who computes the ground truth's work units; benchmark.executors)")
+    g.add_argument("--executor", default="local", help=f"{', '.join(EXECUTORS)} (default local)")
+    g.add_argument("--workers", type=int, default=2, help="process/ray: concurrent workers (default 2)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch threads per unit (part of the unit's key; default: local → this process's, "
+                        "process → cores // workers, slurm/ray → 1)")
+    g.add_argument("--slurm-partition", default=None, help="slurm: partition")
+    g.add_argument("--slurm-time", type=int, default=60, help="slurm: time limit per array task, minutes")
+    g.add_argument("--slurm-gpus", type=int, default=0, help="slurm: GPUs per task")
+    g.add_argument("--slurm-array-parallelism", type=int, default=64, help="slurm: array tasks running at once")
+    g.add_argument("--slurm-folder", default=".cache/submitit", help="slurm: submitit log folder")
+    g.add_argument("--slurm-cluster", default=None, help="slurm: slurm, local (subprocesses) or debug; default auto")
+    g.add_argument("--ray-address", default=None, help="ray: cluster address (default: start a local instance)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print the plan (units, cached, training runs, estimated minutes) and exit")
     return p
+
+
+def executor_spec(args: argparse.Namespace) -> ExecutorSpec:
+    """The frozen executor settings from the command line (errors name the option)."""
+    slurm = SlurmSettings(folder=args.slurm_folder, partition=args.slurm_partition, time_min=args.slurm_time,
+                          gpus=args.slurm_gpus, array_parallelism=args.slurm_array_parallelism,
+                          cluster=args.slurm_cluster)
+    spec = ExecutorSpec(name=args.executor, threads=args.threads, workers=args.workers, slurm=slurm,
+                        ray_address=args.ray_address)
+    make_executor(spec)  # validates the engine's own options now, before any work
+    return spec
 
 
 def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path, Path]:
@@ -90,7 +120,7 @@ def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path,
     opts = [RunOptions(task=t, scale=scale, methods=method_names, coupling=coupling, n_seeds=args.seeds,
                        device=device, n_boot=args.n_boot, progress=not args.quiet,
                        further_training_gold=not args.no_further_training_gold, evaluations=evaluations,
-                       lds_seeds=args.lds_seeds) for t in task_names]
+                       lds_seeds=args.lds_seeds, executor=executor_spec(args)) for t in task_names]
     return opts, out, Path(args.cache)
 
 
@@ -109,6 +139,26 @@ def print_leaderboard(frame) -> None:  # noqa: ANN001
         print(table[[m for m in order if m in table.columns]].to_string())
 
 
+def dry_run(opts: list[RunOptions], store: UnitStore) -> str:
+    """The plan of every (task, scale) in ``opts``: nothing is trained except a short calibration."""
+    from benchmark.harness import resolve_scale
+    from benchmark.lds import lds_config_for
+    from benchmark.plan import format_plan, plan_rows
+
+    rows = []
+    executor = make_executor(opts[0].executor)
+    for o in opts:
+        task_cls = TASKS.get(o.task)
+        scale = resolve_scale(task_cls, o)
+        task = task_cls(scale)
+        data = task.load_data().to(o.device, o.dtype)
+        lds_cfg = lds_config_for(task, o.scale)
+        if o.lds_seeds is not None:
+            lds_cfg = dataclasses.replace(lds_cfg, n_seeds=o.lds_seeds)
+        rows += plan_rows(task, data, scale, o.scale, o.evaluations, lds_cfg, store, executor, o.device)
+    return format_plan(rows, executor, opts[0].device)
+
+
 def main(argv: list[str] | None = None) -> int:
     # raised inside torch itself on the first torch.func call; nothing for a user to act on
     warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
@@ -119,10 +169,18 @@ def main(argv: list[str] | None = None) -> int:
     except (OptionError, UnknownNameError, ValueError, PermissionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads is not None and opts[0].executor.name == "local":
+        torch.set_num_threads(args.threads)
     rows = []
-    for o in opts:
-        rows += run(o, out, store)
+    try:
+        if args.dry_run:
+            print(dry_run(opts, store))
+            return 0
+        for o in opts:
+            rows += run(o, out, store)
+    except OptionError as exc:  # a setting only checkable against the data (e.g. K > N): nothing was damaged
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     merge_into(out / "leaderboard.csv", to_frame(rows))
     if not args.no_report:
         from benchmark.report import write_index, write_report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -76,12 +77,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_schedule", parse_enum(LRSchedule, self.lr_schedule, "lr_schedule"))
-        if not self.lr > 0:
-            raise OptionError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise OptionError(f"TrainConfig.lr must be finite and > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise OptionError(f"TrainConfig.momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise OptionError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise OptionError(f"TrainConfig.weight_decay must be finite and >= 0, got {self.weight_decay}")
         if self.batch_size < 1 or self.epochs < 1:
             raise OptionError("TrainConfig.batch_size and epochs must be >= 1")
         if not 0 < self.peak_fraction < 1:

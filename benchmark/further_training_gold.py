@@ -33,23 +33,25 @@ queries, the gold settings, dtype and device type.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 from scipy.stats import rankdata
-from tqdm.auto import tqdm
 
 from benchmark.config import CACHE_VERSION, Coupling, OptionError, parse_enum
 from benchmark.store import UnitStore, atomic_write_bytes, content_key
 from methods.base import RemovalContext
+
+if TYPE_CHECKING:
+    from benchmark.executors import Executor
 from methods.further_training import (
     PAIRED_COUPLINGS,
     FurtherTrainingRuns,
@@ -125,7 +127,8 @@ def theta_digest(theta: torch.Tensor) -> str:
     return hashlib.sha256(theta.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-def gold_unit_key(ctx: RemovalContext, cfg: GoldConfig, seed_ids: list[int]) -> tuple[str, dict]:
+def gold_unit_key(ctx: RemovalContext, cfg: GoldConfig, seed_ids: list[int], threads: int,
+                  max_models: int = 1024) -> tuple[str, dict]:
     scale = asdict(ctx.scale)
     scale.pop("ground_truth")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("max_seeds", "seeds_per_unit")}
@@ -133,30 +136,65 @@ def gold_unit_key(ctx: RemovalContext, cfg: GoldConfig, seed_ids: list[int]) -> 
               "gold": settings, "seeds": [ctx.seeds[i] for i in seed_ids],
               "theta_sha256": theta_digest(ctx.theta_full[seed_ids]), "targets": ctx.targets.tolist(),
               "queries": ctx.queries.tolist(), "dtype": str(ctx.theta_full.dtype),
-              "device": ctx.theta_full.device.type}
+              "device": ctx.theta_full.device.type, "threads": threads, "max_models": max_models}
     return content_key(config), config
 
 
-def build_gold_standard(ctx: RemovalContext, store: UnitStore, cfg: GoldConfig) -> GoldStandard:
-    """Compute (or load from the store) the gold standard for the first ``cfg.max_seeds`` seeds of ``ctx``."""
+@dataclass(frozen=True)
+class GoldUnitJob:
+    """A picklable gold-standard unit: further-train these seeds' final models (θ shipped, [s, P] on the CPU)
+    on D and each D \\ k, R replicates each; the worker reloads the task's data itself."""
+
+    task: str
+    scale: object
+    seeds: tuple[int, ...]
+    theta: torch.Tensor
+    targets: tuple[int, ...]
+    queries: tuple[int, ...]
+    runs: FurtherTrainingRuns
+    dtype: str
+    device: str
+    max_models: int = 1024
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        from benchmark.executors import loaded_task
+
+        task, data = loaded_task(self.task, self.scale, self.dtype, self.device)
+        ctx = RemovalContext(task=task, data=data, scale=self.scale, seeds=list(self.seeds),
+                             theta_full=self.theta.to(data.x_train.device, data.x_train.dtype),
+                             targets=torch.tensor(self.targets, dtype=torch.long),
+                             queries=torch.tensor(self.queries, dtype=torch.long))
+        result = further_train_differences(ctx, self.runs, list(range(len(self.seeds))), max_models=self.max_models)
+        return {"diff": result.diff, "valid": result.valid}
+
+
+def build_gold_standard(ctx: RemovalContext, store: UnitStore, cfg: GoldConfig,
+                        executor: Executor | None = None) -> GoldStandard:
+    """Compute (or load from the store) the gold standard for the first ``cfg.max_seeds`` seeds of ``ctx``;
+    its units (``seeds_per_unit`` seeds each) go to ``executor`` (default: local, this process's threads)."""
+    from benchmark.executors import WorkUnit, make_executor, register_loaded
+    from benchmark.ground_truth import load_or_train_units
+
+    executor = executor or make_executor()
+    register_loaded(ctx.task, ctx.data)
     n_gold = ctx.n_seeds if cfg.max_seeds is None else min(ctx.n_seeds, cfg.max_seeds)
     runs = FurtherTrainingRuns(epochs=cfg.epochs, n_repeats=cfg.n_repeats, lr_factor=cfg.lr_factor,
                                coupling=cfg.coupling, role="gold")
-    units = [list(range(i, min(i + cfg.seeds_per_unit, n_gold))) for i in range(0, n_gold, cfg.seeds_per_unit)]
-    parts, keys = [], []
-    for seed_ids in tqdm(units, desc=f"further-training gold {ctx.task.name}", unit="unit", disable=not ctx.progress):
-        key, config = gold_unit_key(ctx, cfg, seed_ids)
-        keys.append(key)
-        tensors = store.get(key, config)
-        if tensors is None:
-            result = further_train_differences(dataclasses.replace(ctx, progress=False), runs, seed_ids)
-            tensors = {"diff": result.diff, "valid": result.valid}
-            tags = {"task": ctx.task.name, "seeds": [ctx.seeds[seed_ids[0]], ctx.seeds[seed_ids[-1]]]}
-            store.put(key, config, tensors, kind="further_training_gold", tags=tags)
-        parts.append(tensors)
+    seed_units = [list(range(i, min(i + cfg.seeds_per_unit, n_gold))) for i in range(0, n_gold, cfg.seeds_per_unit)]
+    units = []
+    for seed_ids in seed_units:
+        key, config = gold_unit_key(ctx, cfg, seed_ids, executor.threads)
+        job = GoldUnitJob(ctx.task.name, ctx.scale, tuple(ctx.seeds[i] for i in seed_ids),
+                          ctx.theta_full[seed_ids].detach().cpu(), tuple(ctx.targets.tolist()),
+                          tuple(ctx.queries.tolist()), runs, str(ctx.data.x_train.dtype),
+                          ctx.data.x_train.device.type)
+        tags = {"task": ctx.task.name, "seeds": [ctx.seeds[seed_ids[0]], ctx.seeds[seed_ids[-1]]]}
+        units.append(WorkUnit(key, config, job, "further_training_gold", tags, executor.threads,
+                              runs=len(seed_ids) * runs.n_repeats * (1 + len(ctx.targets))))
+    cat, keys = load_or_train_units(store, units, executor, desc=f"further-training gold {ctx.task.name}",
+                                    progress=ctx.progress)
     lr = further_training_config(ctx.scale.train, cfg.epochs, cfg.lr_factor).lr
-    return GoldStandard(diff=torch.cat([p["diff"] for p in parts]).double().numpy(),
-                        valid=torch.cat([p["valid"] for p in parts]).bool().numpy(),
+    return GoldStandard(diff=cat["diff"].double().numpy(), valid=cat["valid"].bool().numpy(),
                         seeds=ctx.seeds[:n_gold], measurement_names=ctx.task.measurement_names, config=cfg,
                         lr=lr, key=content_key(keys))
 

@@ -2,8 +2,10 @@
 
 Work is split into units of ``seeds_per_unit`` seeds; each unit is cached in the :class:`UnitStore`
 under a content key of everything that determines it (task scale, data, coupling, its seeds, targets,
-queries, dtype, device type) and *not* the total seed count, so a larger S reuses the smaller run's
-units. A killed run keeps every finished unit and resumes. A seed with any diverged run is dropped
+queries, dtype, device type, torch threads, model-batch size) and *not* the total seed count, so a
+larger S reuses the smaller run's units. Units are :class:`~benchmark.executors.WorkUnit` s with a picklable
+job (:class:`TrainRemovalsJob`), so any executor (local, process, SLURM, Ray) computes them into the same
+store with the same bytes. A killed run keeps every finished unit and resumes. A seed with any diverged run is dropped
 whole (a diverging removal run is an effect, not noise) and counted in ``n_failed``.
 """
 
@@ -18,12 +20,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from benchmark.config import CACHE_VERSION, Coupling, GroundTruthConfig, OptionError, TaskScale, derive_seed
 from benchmark.engine import build_schedule, init_seed, initial_params, train_models
+from benchmark.executors import Executor, WorkUnit, compute_into_store, loaded_task, make_executor, register_loaded
 from benchmark.store import UnitStore, atomic_write_bytes, content_key
 from tasks.base import Task, TaskData, cross_entropy
+
+MAX_MODELS = 1024  # models trained at once along the model axis (part of a unit's key)
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,12 @@ def select_targets_and_queries(data: TaskData, cfg: GroundTruthConfig, task_name
     """Targets [K] ⊂ training indices and queries [Q] ⊂ test indices, uniform without replacement,
     reproducible from ``selection_seed``."""
     if cfg.n_targets > data.n_train:
-        raise ValueError(f"n_targets={cfg.n_targets} exceeds the training-set size N={data.n_train}")
+        raise OptionError(f"GroundTruthConfig.n_targets (K) = {cfg.n_targets} exceeds the training-set size "
+                          f"N = {data.n_train}; allowed: 1 <= K <= N")
     n_test = int(data.y_test.shape[0])
     if cfg.n_queries > n_test:
-        raise ValueError(f"n_queries={cfg.n_queries} exceeds the query pool of {n_test} test examples")
+        raise OptionError(f"GroundTruthConfig.n_queries (Q) = {cfg.n_queries} exceeds the query pool of {n_test} "
+                          f"test examples; allowed: 1 <= Q <= {n_test}")
     gen = torch.Generator().manual_seed(derive_seed("targets_queries", task_name, cfg.selection_seed))
     targets = torch.randperm(data.n_train, generator=gen)[: cfg.n_targets].sort().values
     queries = torch.randperm(n_test, generator=gen)[: cfg.n_queries].sort().values
@@ -91,32 +97,67 @@ def select_targets_and_queries(data: TaskData, cfg: GroundTruthConfig, task_name
 
 
 def unit_key(task: Task, scale: TaskScale, seeds: list[int], targets: Tensor, queries: Tensor,
-             coupling: Coupling, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
+             coupling: Coupling, dtype: torch.dtype, device: torch.device, threads: int,
+             max_models: int = MAX_MODELS) -> tuple[str, dict]:
+    """Content key of one LOO unit: everything that determines its bytes, including the torch thread count
+    and the model-batch size it is trained with (bit-identity is promised at equal device, threads, shape)."""
     scale_dict = asdict(scale)
     scale_dict.pop("ground_truth")
     config = {"version": CACHE_VERSION, "kind": "loo_ground_truth", "task": task.name, "scale": scale_dict,
               "coupling": coupling.value, "seeds": seeds, "targets": targets.tolist(),
-              "queries": queries.tolist(), "dtype": str(dtype), "device": device.type}
+              "queries": queries.tolist(), "dtype": str(dtype), "device": device.type,
+              "threads": threads, "max_models": max_models}
     return content_key(config), config
 
 
-def train_unit(task: Task, data: TaskData, scale: TaskScale, seeds: list[int], targets: Tensor,
-               queries: Tensor, coupling: Coupling, max_models: int = 1024) -> dict[str, Tensor]:
-    """Train the full and K removal runs of each seed; measure them on the queries.
+@dataclass(frozen=True)
+class TrainRemovalsJob:
+    """A picklable unit job: per seed, one run per removal (None = full data; an index; or a tuple of
+    indices for a group), measured on the queries. A worker reloads the task's data itself
+    (:func:`benchmark.executors.loaded_task`), so a unit ships names and indices, never arrays."""
 
-    Returns measurements [s, 1+K, Q, M], theta_full [s, P], checkpoints [s, E+1, P], failed [s, 1+K],
-    train_acc / test_acc / grad_norm [s] (diagnostics of the full runs).
-    """
-    removals: list[int | Tensor | None] = [None, *targets.tolist()]
-    return train_removal_runs(task, data, scale, seeds, removals, list(removals), queries, coupling, max_models)
+    task: str
+    scale: TaskScale
+    seeds: tuple[int, ...]
+    removals: tuple[int | tuple[int, ...] | None, ...]
+    labels: tuple[object, ...]
+    queries: tuple[int, ...]
+    coupling: Coupling
+    dtype: str
+    device: str
+    max_models: int = MAX_MODELS
+
+    def __call__(self) -> dict[str, Tensor]:
+        task, data = loaded_task(self.task, self.scale, self.dtype, self.device)
+        removals = [torch.tensor(r, dtype=torch.long) if isinstance(r, tuple) else r for r in self.removals]
+        return train_removal_runs(task, data, self.scale, list(self.seeds), removals, list(self.labels),
+                                  torch.tensor(self.queries, dtype=torch.long), self.coupling, self.max_models)
+
+
+def removal_units(task: Task, data: TaskData, scale: TaskScale, seed_units: list[list[int]],
+                  removals: list[int | Tensor | None], labels: list[object], queries: Tensor, coupling: Coupling,
+                  key_fn: Callable[[list[int]], tuple[str, dict]], kind: str, tags: dict, threads: int
+                  ) -> list[WorkUnit]:
+    """One :class:`WorkUnit` per list of seeds, each training ``len(removals)`` runs per seed."""
+    frozen = tuple(tuple(int(i) for i in r.tolist()) if isinstance(r, Tensor) else r for r in removals)
+    units = []
+    for seeds in seed_units:
+        key, config = key_fn(seeds)
+        job = TrainRemovalsJob(task.name, scale, tuple(seeds), frozen, tuple(labels), tuple(queries.tolist()),
+                               coupling, str(data.x_train.dtype), data.x_train.device.type,
+                               config.get("max_models", MAX_MODELS))
+        units.append(WorkUnit(key, config, job, kind, {**tags, "seeds": [seeds[0], seeds[-1]]}, threads,
+                              runs=len(seeds) * len(removals)))
+    return units
 
 
 def train_removal_runs(task: Task, data: TaskData, scale: TaskScale, seeds: list[int],
                        removals: list[int | Tensor | None], labels: list[object], queries: Tensor,
-                       coupling: Coupling, max_models: int = 1024) -> dict[str, Tensor]:
+                       coupling: Coupling, max_models: int = MAX_MODELS) -> dict[str, Tensor]:
     """Per seed, one run per entry of ``removals`` (None = full data, first; an index; or a 1-D tensor of
-    indices for a group), ``labels`` naming each run for the independent coupling's fresh seeds.
-    Returns the arrays of :func:`train_unit` with 1+K runs per seed."""
+    indices for a group), ``labels`` naming each run for the independent coupling's fresh seeds; measured
+    on the queries. Returns measurements [s, 1+K, Q, M], theta_full [s, P], checkpoints [s, E+1, P],
+    failed [s, 1+K] and train_acc / test_acc / grad_norm [s] (diagnostics of the full runs)."""
     n_runs = len(removals)
     seeds_per_batch = max(1, max_models // n_runs)
     x_q, y_q = data.x_test[queries], data.y_test[queries]
@@ -160,20 +201,21 @@ def full_run_diagnostics(task: Task, data: TaskData, scale: TaskScale, theta: Te
             "grad_norm": grad.norm(dim=1).double()}
 
 
-def load_or_train_units(store: UnitStore, units: list[list[int]], key_fn: Callable[[list[int]], tuple[str, dict]],
-                        train_fn: Callable[[list[int]], dict[str, Tensor]], kind: str, tags: dict,
-                        desc: str, progress: bool) -> tuple[dict[str, Tensor], list[str]]:
-    """Every unit (a list of seeds) from the store, or trained and stored; concatenated along seeds."""
-    parts, keys = [], []
-    for unit_seeds in tqdm(units, desc=desc, unit="unit", disable=not progress):
-        key, config = key_fn(unit_seeds)
-        keys.append(key)
-        tensors = store.get(key, config)
+def load_or_train_units(store: UnitStore, units: list[WorkUnit], executor: Executor | None, desc: str,
+                        progress: bool) -> tuple[dict[str, Tensor], list[str]]:
+    """Every unit from the store, the missing ones first computed by ``executor`` (default: local, this
+    process's threads); concatenated along seeds, in the order of ``units``."""
+    (executor or make_executor()).run(store, units, desc=desc, progress=progress)
+    parts = []
+    for unit in units:
+        tensors = store.get(unit.key, unit.config)
+        if tensors is None:  # e.g. removed as corrupt between the executor's write and this read: recompute here
+            compute_into_store(str(store.root), unit)
+            tensors = store.get(unit.key, unit.config)
         if tensors is None:
-            tensors = train_fn(unit_seeds)
-            store.put(key, config, tensors, kind=kind, tags={**tags, "seeds": [unit_seeds[0], unit_seeds[-1]]})
+            raise RuntimeError(f"work unit {unit.key[:12]} ({unit.kind}) could not be computed into {store.root}")
         parts.append(tensors)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, keys
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, [u.key for u in units]
 
 
 def assemble_ground_truth(cat: dict[str, Tensor], seeds: list[int], seed_arr: np.ndarray, task: Task,
@@ -196,28 +238,39 @@ def assemble_ground_truth(cat: dict[str, Tensor], seeds: list[int], seed_arr: np
 
 
 def build_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: UnitStore,
-                       device: torch.device, progress: bool = True) -> GroundTruth:
+                       device: torch.device, progress: bool = True, executor: Executor | None = None) -> GroundTruth:
     """Compute (or load from the store) every unit of the ground truth and assemble it."""
     targets, queries = select_targets_and_queries(data, scale.ground_truth, task.name)
     return build_loo_ground_truth(task, data, scale, store, device, targets, queries, scale.ground_truth.seeds,
-                                  progress=progress)
+                                  progress=progress, executor=executor)
+
+
+def loo_units(task: Task, data: TaskData, scale: TaskScale, device: torch.device, targets: Tensor, queries: Tensor,
+              seeds: list[int], threads: int, tags: dict | None = None) -> list[WorkUnit]:
+    """The LOO ground truth's work units: ``seeds_per_unit`` seeds each, full run + K removals per seed."""
+    cfg = scale.ground_truth
+    if cfg.coupling is Coupling.MASKED and not task.supports_masked:
+        raise OptionError(f"task {task.name!r} does not support coupling 'masked'; use deleted or independent")
+    removals: list[int | Tensor | None] = [None, *targets.tolist()]
+    seed_units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
+    return removal_units(
+        task, data, scale, seed_units, removals, list(removals), queries, cfg.coupling,
+        key_fn=lambda u: unit_key(task, scale, u, targets, queries, cfg.coupling, data.x_train.dtype, device, threads),
+        kind="loo_ground_truth", tags={"task": task.name, "coupling": cfg.coupling.value, **(tags or {})},
+        threads=threads)
 
 
 def build_loo_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: UnitStore, device: torch.device,
                            targets: Tensor, queries: Tensor, seeds: list[int], progress: bool = True,
-                           tags: dict | None = None, key_parts: tuple = ()) -> GroundTruth:
+                           tags: dict | None = None, key_parts: tuple = (), executor: Executor | None = None
+                           ) -> GroundTruth:
     """The LOO ground truth for explicit targets, queries and seeds (the tuning split uses its own), in units
-    of ``seeds_per_unit`` seeds; ``key_parts`` salt the assembled key (not the units')."""
+    of ``seeds_per_unit`` seeds computed by ``executor``; ``key_parts`` salt the assembled key (not the units')."""
     cfg = scale.ground_truth
-    if cfg.coupling is Coupling.MASKED and not task.supports_masked:
-        raise OptionError(f"task {task.name!r} does not support coupling 'masked'; use deleted or independent")
-    units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
-    cat, keys = load_or_train_units(
-        store, units,
-        key_fn=lambda u: unit_key(task, scale, u, targets, queries, cfg.coupling, data.x_train.dtype, device),
-        train_fn=lambda u: train_unit(task, data, scale, u, targets, queries, cfg.coupling),
-        kind="loo_ground_truth", tags={"task": task.name, "coupling": cfg.coupling.value, **(tags or {})},
-        desc=f"ground truth {task.name}", progress=progress)
+    executor = executor or make_executor()
+    register_loaded(task, data)
+    units = loo_units(task, data, scale, device, targets, queries, seeds, executor.threads, tags)
+    cat, keys = load_or_train_units(store, units, executor, desc=f"ground truth {task.name}", progress=progress)
     seed_arr = np.asarray(seeds)
     if cfg.coupling is Coupling.INDEPENDENT:
         seed_arr = np.array([[s] + [init_seed(task.name, s, int(k), cfg.coupling) for k in targets] for s in seeds],

@@ -33,6 +33,7 @@ import torch
 from benchmark import __version__
 from benchmark.config import CACHE_VERSION, Coupling, TaskScale
 from benchmark.engine import build_schedule, configure_determinism, initial_params, train_models
+from benchmark.executors import ExecutorSpec, make_executor
 from benchmark.further_training_gold import (
     SPLIT_HALF,
     build_gold_standard,
@@ -43,6 +44,7 @@ from benchmark.further_training_gold import (
 )
 from benchmark.ground_truth import GroundTruth, build_ground_truth
 from benchmark.lds import build_lds_ground_truth, group_predictions, lds_config_for, lds_metric_name
+from benchmark.leaderboard import seed_ranges
 from benchmark.registry import METHODS, TASKS
 from benchmark.scores import paired_difference_ci, score_method, score_vs_seeds
 from benchmark.store import UnitStore, atomic_write_bytes, atomic_write_text, content_key
@@ -69,6 +71,7 @@ class RunOptions:
     further_training_gold: bool = True  # score every method against Wei et al.'s further-training gold standard
     evaluations: tuple[str, ...] = ("loo", "lds", "mechanism")  # subset of EVALUATIONS
     lds_seeds: int | None = None  # None: the task's LDS setting for the scale
+    executor: ExecutorSpec = field(default_factory=ExecutorSpec)  # who computes the ground truth's work units
 
 
 class PeakRss:
@@ -197,13 +200,15 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
                             "methods": {}}
     train_one = time_one_training(task, data, scale)
     info["train_one_s"] = train_one
+    executor = make_executor(opts.executor)
+    info["executor"] = executor.describe()
     common = {"task": opts.task, "scale": opts.scale, "version": __version__, "commit": git_commit(),
               "device": str(opts.device) if opts.device.type == "cpu" else torch.cuda.get_device_name(opts.device),
               "torch_version": torch.__version__}
     rows: list[dict] = []
     if "loo" in opts.evaluations:
         start = time.perf_counter()
-        gt = build_ground_truth(task, data, scale, store, opts.device, progress=opts.progress)
+        gt = build_ground_truth(task, data, scale, store, opts.device, progress=opts.progress, executor=executor)
         info["ground_truth_s"] = time.perf_counter() - start
         gt.export(run_dir / "ground_truth.npz")
         ctx = make_context(task, data, scale, gt, torch.as_tensor(gt.targets), opts)
@@ -212,7 +217,7 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         rows += loo_rows
         if opts.further_training_gold:
             start = time.perf_counter()
-            gold = build_gold_standard(ctx, store, gold_config_for(opts.scale))
+            gold = build_gold_standard(ctx, store, gold_config_for(opts.scale), executor)
             scored = {name: delta for name, (delta, _) in predictions.items()}
             scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
             curves = further_training_curves(gold, scored)
@@ -226,7 +231,8 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         lds_cfg = lds_config_for(task, opts.scale)
         if opts.lds_seeds is not None:
             lds_cfg = dataclasses.replace(lds_cfg, n_seeds=opts.lds_seeds)
-        lds = build_lds_ground_truth(task, data, scale, lds_cfg, store, opts.device, progress=opts.progress)
+        lds = build_lds_ground_truth(task, data, scale, lds_cfg, store, opts.device, progress=opts.progress,
+                                     executor=executor)
         info["lds_ground_truth_s"] = time.perf_counter() - start
         lds.export(run_dir / "lds_ground_truth.npz")
         ctx = make_context(task, data, scale, lds.gt, torch.arange(data.n_train), opts)
@@ -348,7 +354,8 @@ def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common:
                  measurement_names=np.array(gt.measurement_names))
         method_info[name] = {"runtime_s": runtime, "peak_rss_mb": peak, **minfo}
         predictions[name] = (delta, is_dist)
-        base = {**common, "n_seeds": method_gt.measurements.shape[0], "method": name, "variant": variant,
+        base = {**common, "n_seeds": method_gt.measurements.shape[0], "seeds": seed_ranges(method_gt.run_seeds),
+                "method": name, "variant": variant,
                 "distributional": is_dist, "runtime_s": runtime, "peak_rss_mb": peak, "config_hash": config_hash}
         method_rows, method_reps = score_rows(method_gt, delta, is_dist, base, opts)
         rows += [{**r, "metric": ev.metric_name(r["metric"])} for r in method_rows]

@@ -37,12 +37,14 @@ from torch import Tensor
 
 from benchmark.config import CACHE_VERSION, Coupling, LdsConfig, TaskScale, derive_seed
 from benchmark.engine import init_seed
+from benchmark.executors import Executor, WorkUnit, make_executor, register_loaded
 from benchmark.ground_truth import (
+    MAX_MODELS,
     GroundTruth,
     assemble_ground_truth,
     load_or_train_units,
+    removal_units,
     select_targets_and_queries,
-    train_removal_runs,
 )
 from benchmark.scores.metrics import LDS_METRICS
 from benchmark.store import UnitStore, atomic_write_bytes, content_key
@@ -104,20 +106,23 @@ class LdsGroundTruth:
 
 
 def lds_unit_key(task: Task, scale: TaskScale, cfg: LdsConfig, seeds: list[int], keep: np.ndarray,
-                 queries: Tensor, dtype: torch.dtype, device: torch.device) -> tuple[str, dict]:
+                 queries: Tensor, dtype: torch.dtype, device: torch.device, threads: int,
+                 max_models: int = MAX_MODELS) -> tuple[str, dict]:
     scale_dict = asdict(scale)
     scale_dict.pop("ground_truth")
     lds = {k: getattr(v, "value", v) for k, v in asdict(cfg).items() if k not in ("n_seeds", "first_seed",
                                                                                "seeds_per_unit")}
     config = {"version": CACHE_VERSION, "kind": "lds_ground_truth", "task": task.name, "scale": scale_dict,
               "lds": lds, "keep_sha": content_key(np.packbits(keep).tobytes().hex()), "seeds": seeds,
-              "queries": queries.tolist(), "dtype": str(dtype), "device": device.type}
+              "queries": queries.tolist(), "dtype": str(dtype), "device": device.type, "threads": threads,
+              "max_models": max_models}
     return content_key(config), config
 
 
-def build_lds_ground_truth(task: Task, data: TaskData, scale: TaskScale, cfg: LdsConfig, store: UnitStore,
-                           device: torch.device, progress: bool = True) -> LdsGroundTruth:
-    """Train (or load) the R full runs and R × M subset runs; the queries are the LOO ground truth's."""
+def lds_units(task: Task, data: TaskData, scale: TaskScale, cfg: LdsConfig, device: torch.device, threads: int
+              ) -> tuple[list[WorkUnit], np.ndarray, Tensor, list[object]]:
+    """The LDS ground truth's work units (R seeds in units of ``seeds_per_unit``; per seed the full run and
+    M subset runs), the keep matrix [M, N], the queries and the run labels."""
     if cfg.coupling is Coupling.MASKED and not task.supports_masked:
         raise ValueError(f"task {task.name!r} does not support LDS coupling 'masked'; use deleted or independent")
     _, queries = select_targets_and_queries(data, scale.ground_truth, task.name)
@@ -125,13 +130,24 @@ def build_lds_ground_truth(task: Task, data: TaskData, scale: TaskScale, cfg: Ld
     removals: list[int | Tensor | None] = [None, *(torch.from_numpy(np.flatnonzero(~k)) for k in keep)]
     labels: list[object] = [None, *(subset_label(cfg, j) for j in range(cfg.n_subsets))]
     seeds = cfg.seeds
-    units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
-    cat, keys = load_or_train_units(
-        store, units,
-        key_fn=lambda u: lds_unit_key(task, scale, cfg, u, keep, queries, data.x_train.dtype, device),
-        train_fn=lambda u: train_removal_runs(task, data, scale, u, removals, labels, queries, cfg.coupling),
+    seed_units = [seeds[i:i + cfg.seeds_per_unit] for i in range(0, len(seeds), cfg.seeds_per_unit)]
+    units = removal_units(
+        task, data, scale, seed_units, removals, labels, queries, cfg.coupling,
+        key_fn=lambda u: lds_unit_key(task, scale, cfg, u, keep, queries, data.x_train.dtype, device, threads),
         kind="lds_ground_truth", tags={"task": task.name, "coupling": cfg.coupling.value, "subsets": cfg.n_subsets},
-        desc=f"LDS ground truth {task.name}", progress=progress)
+        threads=threads)
+    return units, keep, queries, labels
+
+
+def build_lds_ground_truth(task: Task, data: TaskData, scale: TaskScale, cfg: LdsConfig, store: UnitStore,
+                           device: torch.device, progress: bool = True, executor: Executor | None = None
+                           ) -> LdsGroundTruth:
+    """Train (or load) the R full runs and R × M subset runs; the queries are the LOO ground truth's."""
+    executor = executor or make_executor()
+    register_loaded(task, data)
+    units, keep, queries, labels = lds_units(task, data, scale, cfg, device, executor.threads)
+    cat, keys = load_or_train_units(store, units, executor, desc=f"LDS ground truth {task.name}", progress=progress)
+    seeds = cfg.seeds
     seed_arr = np.asarray(seeds)
     if cfg.coupling is Coupling.INDEPENDENT:
         seed_arr = np.array([[s] + [init_seed(task.name, s, lab, cfg.coupling) for lab in labels[1:]] for s in seeds],

@@ -22,10 +22,10 @@ import pandas as pd
 from benchmark.scores.metrics import LDS_METRICS
 from benchmark.store import atomic_write_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the ``seeds`` provenance column
 COLUMNS: tuple[str, ...] = (
     "schema_version", "task", "scale", "method", "variant", "measurement", "metric", "regime", "coupling",
-    "value", "ci_low", "ci_high", "noise_ceiling", "n_seeds", "n_targets", "n_queries", "n_failed",
+    "value", "ci_low", "ci_high", "noise_ceiling", "n_seeds", "seeds", "n_targets", "n_queries", "n_failed",
     "distributional", "runtime_s", "peak_rss_mb", "config_hash", "version", "commit", "device", "torch_version",
 )
 # Scores where higher is better; the regression check applies to these only (never to runtime).
@@ -36,6 +36,21 @@ GOLD_PREFIX = "ft_gold_"  # Wei et al.'s metric against the further-training gol
 def higher_is_better(metric: str) -> bool:
     return metric in HIGHER_IS_BETTER or metric.startswith(GOLD_PREFIX)
 KEY_COLUMNS = ("task", "scale", "method", "variant", "measurement", "metric", "coupling")
+
+
+def seed_ranges(seeds: list[int]) -> str:
+    """Compact seed list for provenance: ``[0, 1, 2, 5, 7, 8]`` → ``"0-2,5,7-8"``."""
+    parts, run = [], []
+    for s in seeds:
+        if run and s == run[-1] + 1:
+            run.append(s)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [s]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
 
 
 def to_frame(rows: list[dict]) -> pd.DataFrame:

@@ -60,21 +60,21 @@ def test_targets_and_queries_are_reproducible_and_validated() -> None:
     assert torch.equal(t1, t2) and torch.equal(q1, q2) and len(set(t1.tolist())) == 5
     other, _ = select_targets_and_queries(data, GroundTruthConfig(n_seeds=4, n_targets=5, selection_seed=4), task.name)
     assert not torch.equal(t1, other)
-    with pytest.raises(ValueError, match="n_targets=41 exceeds the training-set size N=40"):
+    with pytest.raises(ValueError, match=r"K\) = 41 exceeds the training-set size N = 40"):
         select_targets_and_queries(data, GroundTruthConfig(n_seeds=4, n_targets=41), task.name)
 
 
 def test_diverged_seed_is_dropped_whole_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     scale = tiny_scale(n_train=40)
     task, data = make_task(scale)
-    real = gt_mod.train_unit
+    real = gt_mod.train_removal_runs
 
     def one_removal_run_diverges(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         out = real(*args, **kwargs)
         out["failed"][1, 2] = True  # second seed of the unit, one removal run
         return out
 
-    monkeypatch.setattr(gt_mod, "train_unit", one_removal_run_diverges)
+    monkeypatch.setattr(gt_mod, "train_removal_runs", one_removal_run_diverges)
     with pytest.warns(UserWarning, match="diverged"):
         gt = build_ground_truth(task, data, scale, UnitStore(tmp_path), torch.device("cpu"), progress=False)
     assert gt.n_failed == 1 and gt.measurements.shape[0] == scale.ground_truth.n_seeds - 1
@@ -87,8 +87,8 @@ def test_more_seeds_reuse_cached_units(tmp_path: Path, monkeypatch: pytest.Monke
     store = UnitStore(tmp_path)
     small = build_ground_truth(task, data, scale, store, torch.device("cpu"), progress=False)
     calls = []
-    real = gt_mod.train_unit
-    monkeypatch.setattr(gt_mod, "train_unit", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = gt_mod.train_removal_runs
+    monkeypatch.setattr(gt_mod, "train_removal_runs", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
     larger = build_ground_truth(task, data, scale.with_overrides(n_seeds=6), store, torch.device("cpu"), progress=False)
     assert calls == [[4, 5]]  # only the new unit was trained
     assert np.array_equal(larger.measurements[:4], small.measurements)

@@ -527,8 +527,8 @@ def test_cli(store: UnitStore, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["verify", "--root", str(store.root)]) == 0
     assert "0 problem(s)" in capsys.readouterr().out
 
-    assert main(["gc", "--root", str(store.root)]) == 0
-    assert "removed 1 stray temp file(s) and 0 corrupt file(s)" in capsys.readouterr().out
+    assert main(["gc", "--keep-unused", "--root", str(store.root)]) == 0
+    assert "removed 0 unused unit(s), 1 stray temp file(s) and 0 corrupt file(s)" in capsys.readouterr().out
     assert not stray.exists() and store.has(key)
 
     path = store.key_path(key)

@@ -10,6 +10,7 @@ Layout under ``root``::
     units/<key[:2]>/.<name>.<rand>.tmp     in-flight (or stray, after a crash) temporary files
     units/<key[:2]>/<key>.safetensors.corrupt   files quarantined by :meth:`UnitStore.get`
     index.sqlite                           SQLite (WAL) index, rebuilt from the files when it disagrees
+    store.json                             {"store_format": N}: a root of another format is refused, untouched
 
 Every unit file is written to a temporary file in its final directory, fsync'd and ``os.replace``'d into
 place, so a process killed at any point (even ``kill -9``) leaves either no file or a complete one.
@@ -34,12 +35,19 @@ Command line::
 
     python -m benchmark.store ls --root PATH
     python -m benchmark.store verify --root PATH
-    python -m benchmark.store gc --root PATH     # removes stray temp files and quarantined .corrupt files
+    python -m benchmark.store gc --root PATH     # removes units no current configuration uses
+                                                 # (benchmark.cache_usage), stray temp and .corrupt files;
+                                                 # --keep-unused: only the stray files; --dry-run: list
 """
 
 from benchmark.store.atomic import atomic_write_bytes, atomic_write_text
 from benchmark.store.cli import main
-from benchmark.store.errors import ConfigMismatchError, CorruptUnitWarning, UnitConflictWarning
+from benchmark.store.errors import (
+    ConfigMismatchError,
+    CorruptUnitWarning,
+    IncompatibleStoreError,
+    UnitConflictWarning,
+)
 from benchmark.store.index import UnitInfo
 from benchmark.store.keys import canonical_json, content_key
 from benchmark.store.unit_file import STORE_FORMAT_VERSION, tensors_sha256
@@ -48,6 +56,7 @@ from benchmark.store.unit_store import UnitStore
 __all__ = [
     "STORE_FORMAT_VERSION",
     "ConfigMismatchError",
+    "IncompatibleStoreError",
     "CorruptUnitWarning",
     "UnitConflictWarning",
     "UnitInfo",

@@ -59,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("ls", parents=[common], help="list units: key, kind, tags, size")
     sub.add_parser("verify", parents=[common], help="check every unit's checksum and metadata")
-    sub.add_parser("gc", parents=[common], help="remove stray temp files and quarantined .corrupt files")
+    gc = sub.add_parser("gc", parents=[common],
+                        help="remove units no current configuration uses, stray temp files and .corrupt files")
+    gc.add_argument("--keep-unused", action="store_true", help="only remove stray temp and .corrupt files")
+    gc.add_argument("--dry-run", action="store_true", help="list the units gc would remove; remove nothing")
     args = parser.parse_args(argv)
     try:
         store = UnitStore(args.root)
@@ -76,6 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{key}: {problem}")
         print(f"{len(problems)} problem(s)")
         return 1 if problems else 0
-    counts = store.gc_detailed(lambda info: True)
-    print(f"removed {counts['temp']} stray temp file(s) and {counts['corrupt']} corrupt file(s)")
+    from benchmark.cache_usage import unit_use  # imports the task and method registries
+
+    unused = {} if args.keep_unused else {i.key: unit_use(i.config)[1] for i in store.ls() if not unit_use(i.config)[0]}
+    for key, why in sorted(unused.items()):
+        print(f"{'would remove' if args.dry_run else 'remove'} {key}: {why}")
+    if args.dry_run:
+        print(f"{len(unused)} unit(s) no current configuration uses")
+        return 0
+    counts = store.gc_detailed(lambda info: info.key not in unused)
+    print(f"removed {counts['units']} unused unit(s), {counts['temp']} stray temp file(s) and "
+          f"{counts['corrupt']} corrupt file(s)")
     return 0

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["ConfigMismatchError", "CorruptUnitError", "CorruptUnitWarning", "UnitConflictWarning"]
+__all__ = [
+    "ConfigMismatchError",
+    "CorruptUnitError",
+    "CorruptUnitWarning",
+    "IncompatibleStoreError",
+    "UnitConflictWarning",
+]
 
 
 class ConfigMismatchError(ValueError):
@@ -52,3 +58,7 @@ class CorruptUnitError(Exception):
     It never escapes the public API: the store turns it into a :class:`CorruptUnitWarning` and quarantines the
     file (``get``/``put``/``rebuild_index``) or reports it (``verify``).
     """
+
+
+class IncompatibleStoreError(ValueError):
+    """The store root was written by another store format version (``<root>/store.json``)."""

@@ -19,10 +19,17 @@ import torch
 from benchmark.store import index
 from benchmark.store.atomic import TMP_SUFFIX, atomic_write_bytes, remove_if_stray
 from benchmark.store.config_diff import config_diff
-from benchmark.store.errors import ConfigMismatchError, CorruptUnitError, CorruptUnitWarning, UnitConflictWarning
+from benchmark.store.errors import (
+    ConfigMismatchError,
+    CorruptUnitError,
+    CorruptUnitWarning,
+    IncompatibleStoreError,
+    UnitConflictWarning,
+)
 from benchmark.store.index import UnitInfo
 from benchmark.store.keys import canonical_json
 from benchmark.store.unit_file import (
+    STORE_FORMAT_VERSION,
     UNIT_SUFFIX,
     check_metadata,
     load_unit,
@@ -60,6 +67,7 @@ class UnitStore:
             os.unlink(probe)
         except OSError as exc:
             raise PermissionError(f"unit store root {str(self.root)!r} is not writable: {exc}") from exc
+        self._check_format()
         try:
             with index.connect(self.index_path):
                 pass
@@ -67,6 +75,23 @@ class UnitStore:
             raise PermissionError(
                 f"unit store index {str(self.index_path)!r} cannot be opened for writing: {exc}"
             ) from exc
+
+    def _check_format(self) -> None:
+        """Refuse a root written by another store format (nothing is touched); stamp a new root."""
+        marker = self.root / "store.json"
+        try:
+            found = json.loads(marker.read_text())
+        except FileNotFoundError:
+            atomic_write_bytes(marker, json.dumps({"store_format": STORE_FORMAT_VERSION}).encode())
+            return
+        except (OSError, ValueError) as exc:
+            raise IncompatibleStoreError(f"unit store {str(self.root)!r}: unreadable store.json ({exc}); "
+                                         "use another --cache or remove this one") from None
+        if not isinstance(found, dict) or found.get("store_format") != STORE_FORMAT_VERSION:
+            got = found.get("store_format") if isinstance(found, dict) else found
+            raise IncompatibleStoreError(
+                f"unit store {str(self.root)!r} was written by store format {got!r}; this version reads format "
+                f"{STORE_FORMAT_VERSION}: use another --cache (nothing in this one was changed)")
 
     def __repr__(self) -> str:
         """Returns ``UnitStore('<root>')``."""

@@ -1,0 +1,111 @@
+"""``run_all.py --dry-run``: the plan of ground-truth work units, what is cached, and an estimated cost.
+
+Per (task, evaluation) it lists the work units the executor would receive (LOO and LDS ground truth),
+how many are already in the store, the training runs still to do, and minutes estimated from a short
+calibration on this device: one batch of ``CALIBRATION_MODELS`` models trained for one epoch along the
+model axis, so the per-run cost includes the batching the real units get:
+
+    est_minutes = runs_to_train × epochs × (seconds per model-epoch) / parallel / 60,
+
+with ``parallel`` the executor's concurrency (process workers; SLURM array parallelism or Ray workers, each
+capped by the number of units). It is an estimate at this device's speed, not a promise. Work that runs
+after the ground truth in the harness (methods, the further-training gold standard, the mechanism study)
+is not distributed and not estimated here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from benchmark.config import Coupling, TaskScale
+from benchmark.engine import build_schedule, initial_params, train_models
+from benchmark.executors import Executor, ProcessExecutor, RayExecutor, SlurmExecutor, WorkUnit, register_loaded
+from benchmark.ground_truth import loo_units, select_targets_and_queries
+from benchmark.store import UnitStore
+from tasks.base import Task, TaskData
+
+CALIBRATION_MODELS = 16
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    task: str
+    scale: str
+    evaluation: str
+    units: int
+    cached: int
+    runs_total: int
+    runs_to_train: int
+    epochs: int
+    est_minutes: float
+
+
+def seconds_per_model_epoch(task: Task, data: TaskData, scale: TaskScale, n_models: int = CALIBRATION_MODELS
+                            ) -> float:
+    """Wall seconds per model per epoch, from one epoch of ``n_models`` models trained together."""
+    one_epoch = dataclasses.replace(scale.train, epochs=1)
+    seeds = list(range(n_models))
+    schedules = [build_schedule(task.name, data.n_train, one_epoch, s, None, Coupling.MASKED) for s in seeds]
+    theta0 = initial_params(task, seeds, data.x_train.dtype, data.x_train.device)
+    start = time.perf_counter()
+    train_models(task, data, one_epoch, schedules, theta0)
+    return (time.perf_counter() - start) / n_models
+
+
+def parallelism(executor: Executor, n_units: int) -> int:
+    """How many units run at once under ``executor`` (at most the number of units)."""
+    if isinstance(executor, ProcessExecutor):
+        width = executor.workers
+    elif isinstance(executor, SlurmExecutor):
+        width = executor.settings.array_parallelism
+    elif isinstance(executor, RayExecutor):
+        width = max(1, (executor.num_cpus or executor.threads) // executor.threads)
+    else:
+        width = 1
+    return max(1, min(width, n_units))
+
+
+def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, evaluations: tuple[str, ...],
+              lds_cfg: object, store: UnitStore, executor: Executor, device: torch.device) -> list[PlanRow]:
+    """One :class:`PlanRow` per ground-truth evaluation (``loo``, ``lds``) of one task at one scale."""
+    from benchmark.lds import lds_units  # lds imports ground_truth; keep the import graph one-way
+
+    register_loaded(task, data)
+    groups: list[tuple[str, list[WorkUnit]]] = []
+    if "loo" in evaluations:
+        targets, queries = select_targets_and_queries(data, scale.ground_truth, task.name)
+        groups.append(("loo", loo_units(task, data, scale, device, targets, queries, scale.ground_truth.seeds,
+                                        executor.threads)))
+    if "lds" in evaluations:
+        groups.append(("lds", lds_units(task, data, scale, lds_cfg, device, executor.threads)[0]))
+    if not groups:
+        return []
+    per_epoch = seconds_per_model_epoch(task, data, scale)
+    rows = []
+    for name, units in groups:
+        missing = [u for u in units if not store.has(u.key)]
+        runs = sum(u.runs for u in missing)
+        minutes = runs * scale.train.epochs * per_epoch / parallelism(executor, len(missing) or 1) / 60
+        rows.append(PlanRow(task.name, scale_name, name, len(units), len(units) - len(missing),
+                            sum(u.runs for u in units), runs, scale.train.epochs, minutes))
+    return rows
+
+
+def format_plan(rows: list[PlanRow], executor: Executor, device: torch.device) -> str:
+    """The plan as a fixed-width table with a total line."""
+    head = f"{'task':<14}{'scale':<7}{'eval':<5}{'units':>7}{'cached':>8}{'runs':>10}{'to train':>10}" \
+           f"{'epochs':>8}{'est. min':>10}"
+    lines = [f"plan on {device} with executor {executor.describe()}", head]
+    for r in rows:
+        lines.append(f"{r.task:<14}{r.scale:<7}{r.evaluation:<5}{r.units:>7}{r.cached:>8}{r.runs_total:>10}"
+                     f"{r.runs_to_train:>10}{r.epochs:>8}{r.est_minutes:>10.1f}")
+    lines.append(f"total: {sum(r.units for r in rows)} unit(s), {sum(r.cached for r in rows)} cached, "
+                 f"{sum(r.runs_to_train for r in rows)} training run(s) to do, ≈ "
+                 f"{sum(r.est_minutes for r in rows):.1f} min of ground truth (estimate from a "
+                 f"{CALIBRATION_MODELS}-model one-epoch calibration); methods, the gold standard and the mechanism "
+                 "study run afterwards and are not estimated")
+    return "\n".join(lines)
