@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
-CACHE_VERSION = 2  # bump when the stored format or the maths of a cached unit changes
+CACHE_VERSION = 3  # bump when the stored format, the key layout or the maths of a cached unit changes
+# 3: ground-truth and gold unit keys carry the torch thread count and model-batch size (bit-identity promise)
 
 
 class OptionError(ValueError):

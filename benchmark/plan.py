@@ -3,7 +3,7 @@
 Per (task, evaluation) it lists the work units the executor would receive (LOO and LDS ground truth),
 how many are already in the store, the training runs still to do, and minutes estimated from a short
 calibration on this device: one batch of ``CALIBRATION_MODELS`` models trained for one epoch along the
-model axis, so the per-run cost includes the batching the real units get:
+model axis with the units' thread count (units batch up to 1,024 models, so this errs on the slow side):
 
     est_minutes = runs_to_train × epochs × (seconds per model-epoch) / parallel / 60,
 
@@ -44,16 +44,22 @@ class PlanRow:
     est_minutes: float
 
 
-def seconds_per_model_epoch(task: Task, data: TaskData, scale: TaskScale, n_models: int = CALIBRATION_MODELS
-                            ) -> float:
-    """Wall seconds per model per epoch, from one epoch of ``n_models`` models trained together."""
+def seconds_per_model_epoch(task: Task, data: TaskData, scale: TaskScale, threads: int,
+                            n_models: int = CALIBRATION_MODELS) -> float:
+    """Wall seconds per model per epoch, from one epoch of ``n_models`` models trained together with the
+    units' thread count."""
     one_epoch = dataclasses.replace(scale.train, epochs=1)
     seeds = list(range(n_models))
     schedules = [build_schedule(task.name, data.n_train, one_epoch, s, None, Coupling.MASKED) for s in seeds]
     theta0 = initial_params(task, seeds, data.x_train.dtype, data.x_train.device)
-    start = time.perf_counter()
-    train_models(task, data, one_epoch, schedules, theta0)
-    return (time.perf_counter() - start) / n_models
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        start = time.perf_counter()
+        train_models(task, data, one_epoch, schedules, theta0)
+        return (time.perf_counter() - start) / n_models
+    finally:
+        torch.set_num_threads(previous)
 
 
 def parallelism(executor: Executor, n_units: int) -> int:
@@ -84,7 +90,7 @@ def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, eva
         groups.append(("lds", lds_units(task, data, scale, lds_cfg, device, executor.threads)[0]))
     if not groups:
         return []
-    per_epoch = seconds_per_model_epoch(task, data, scale)
+    per_epoch = seconds_per_model_epoch(task, data, scale, executor.threads)
     rows = []
     for name, units in groups:
         missing = [u for u in units if not store.has(u.key)]

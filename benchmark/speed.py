@@ -2,6 +2,7 @@
 
     python -m benchmark.speed [engine] [--models 64] [--loop-models 8] [--repeats 3]
     python -m benchmark.speed ekfac [--queries 100]          (see ``benchmark.speed_ekfac``)
+    python -m benchmark.speed executors [--workers 2]        (see ``benchmark.speed_executors``)
 
 ``engine``: engine throughput against a plain torch.optim loop and a torch.func vmap ensemble.
 All three train the ``small`` MNIST MLP on the same schedules (one shared batch order, as the vmap
@@ -57,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmark import speed_ekfac
 
         return speed_ekfac.main(argv[1:])
+    if argv and argv[0] == "executors":
+        from benchmark import speed_executors
+
+        return speed_executors.main(argv[1:])
     if argv and argv[0] == "engine":
         argv = argv[1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
