@@ -125,6 +125,14 @@ def options_from_args(args: argparse.Namespace) -> tuple[list[RunOptions], Path,
 
 
 def print_leaderboard(frame) -> None:  # noqa: ANN001
+    prune = frame[(frame["regime"] == "pruning") & frame["metric"].isin(["pruning_mean", "pruning_diff_vs_fixed_seed"])]
+    for (task, scale), part in prune.groupby(["task", "scale"], sort=False):
+        print(f"\n== {task} / {scale} / pruning (S={part['n_seeds'].max()}; mean [95% CI]) ==")
+        cells = part.assign(cell=[f"{v:.4f} [{lo:+.4f},{hi:+.4f}]" for v, lo, hi in
+                                  zip(part["value"], part["ci_low"], part["ci_high"])],
+                            column=part["measurement"] + " " + part["metric"].str.replace("pruning_", ""))
+        print(cells.pivot_table(index=["variant", "method"], columns="column", values="cell", aggfunc="first",
+                                sort=False).to_string())
     view = frame[frame["regime"].isin(["distributional", "fixed_seed"])]
     view = view.assign(evaluation=np.where(view["metric"].str.startswith("lds_"), "lds", "loo"))
     for (task, scale, ev, meas), part in view.groupby(["task", "scale", "evaluation", "measurement"], sort=False):

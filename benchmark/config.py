@@ -165,11 +165,65 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class VitConfig:
+    """A timm ``VisionTransformer`` (class token, learned position embedding, pre-norm blocks), no pretrained
+    weights: ``image_size`` / ``patch`` tokens of width ``embed_dim``, ``depth`` blocks of ``heads`` heads."""
+
+    image_size: int = 32
+    patch: int = 4
+    embed_dim: int = 96
+    depth: int = 4
+    heads: int = 3
+    mlp_ratio: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch:
+            raise OptionError(f"VitConfig.patch={self.patch} must divide image_size={self.image_size}")
+        if self.embed_dim % self.heads:
+            raise OptionError(f"VitConfig.heads={self.heads} must divide embed_dim={self.embed_dim}")
+        if min(self.depth, self.heads, self.patch, self.embed_dim) < 1 or not self.mlp_ratio > 0:
+            raise OptionError("VitConfig: depth, heads, patch and embed_dim must be >= 1 and mlp_ratio > 0")
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """The data-pruning experiment (d-TDA Fig. 6): S seeds trained on the pool, each example scored by the
+    predicted change of the validation loss on its removal (``scorer``, a registered method), the arms
+    retrained on the pruned set with the same S seeds. ``c_grid``: the risk-averse arm's candidates for c in
+    ``mean + c·std`` (chosen on the validation loss)."""
+
+    n_seeds: int = 8  # S
+    fractions: tuple[float, ...] = (0.1,)
+    n_val: int = 500
+    c_grid: tuple[float, ...] = (0.5, 1.0)
+    scorer: str = "influence_ekfac"
+    first_seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fractions", tuple(float(f) for f in self.fractions))
+        object.__setattr__(self, "c_grid", tuple(float(c) for c in self.c_grid))
+        if self.n_seeds < 2:
+            raise OptionError(f"PruningConfig.n_seeds must be >= 2 (paired differences), got {self.n_seeds}")
+        if not self.fractions or any(not 0 < f < 1 for f in self.fractions):
+            raise OptionError(f"PruningConfig.fractions must lie in (0, 1), got {self.fractions}")
+        if len(set(self.fractions)) != len(self.fractions):
+            raise OptionError(f"PruningConfig.fractions lists a fraction twice: {self.fractions}")
+        if self.n_val < 1 or self.first_seed < 0:
+            raise OptionError("PruningConfig.n_val must be >= 1 and first_seed >= 0")
+        if not self.c_grid or any(not (math.isfinite(c) and c > 0) for c in self.c_grid):
+            raise OptionError(f"PruningConfig.c_grid must be finite values > 0, got {self.c_grid}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.first_seed, self.first_seed + self.n_seeds))
+
+
+@dataclass(frozen=True)
 class TaskScale:
     """Everything a scale of a task fixes: data sizes, model, training and ground truth."""
 
     n_train: int  # N
-    model: ModelConfig
+    model: ModelConfig | VitConfig
     train: TrainConfig
     ground_truth: GroundTruthConfig
     query_pool: int = 1000  # queries are drawn from the first `query_pool` test examples
@@ -202,9 +256,11 @@ __all__ = [
     "LdsConfig",
     "ModelConfig",
     "OptionError",
+    "PruningConfig",
     "Scale",
     "TaskScale",
     "TrainConfig",
+    "VitConfig",
     "derive_seed",
     "field",
     "generator",

@@ -100,3 +100,77 @@ def load_mnist() -> dict[str, np.ndarray]:
     """MNIST as uint8 ``x_train [60000, 28, 28]``, ``y_train``, ``x_test [10000, 28, 28]``, ``y_test``."""
     return load_arrays("mnist", ("x_train", "y_train", "x_test", "y_test"),
                        [("torchvision MNIST", _mnist_torchvision), ("Hugging Face ylecun/mnist", _mnist_hf)])
+
+
+# ---------------------------------------------------------------- CIFAR-10
+# Official positions absent from the shared offline copy (../shared/data/README.md): every selection skips
+# them, so a full copy (torchvision, Hugging Face) selects exactly the same images.
+CIFAR10_UNAVAILABLE_TRAIN: tuple[int, ...] = (
+    4298, 5949, 7066, 7237, 7248, 7630, 8006, 8831, 8968, 9415, 11027, 12762, 12834, 13546, 21493, 25728, 26098,
+    26927, 27621, 28435, 28670, 28728, 29694, 29747, 31066, 31367, 31462, 31625, 31663, 32777, 33446, 33641, 33661,
+    34067, 34276, 34387, 34471, 34825, 35160, 35646, 36733, 37329, 37474, 37567, 38089, 38384, 38925, 39069, 39358,
+    39385, 39613, 39840, 39888, 39971, 41761, 41779, 42004, 42389, 42611, 43357, 43883, 44420, 44882, 45168, 45240,
+    46175, 46435, 46538, 46624, 47393, 47597, 48081, 48124, 48333, 48821, 48836, 49321, 49429, 49631, 49830, 49857,
+)
+CIFAR10_UNAVAILABLE_TEST: tuple[int, ...] = (
+    1259, 1369, 1422, 1556, 2245, 2737, 2935, 3630, 3695, 3718, 4085, 4496, 5791, 5896, 6286, 7580, 7707, 7724,
+    7832, 8117, 8541, 8551, 9254,
+)
+CIFAR10_OFFICIAL_SIZES = (50000, 10000)
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)  # per-channel normalisation (TRAK / kronfluence ResNet-9 recipe)
+CIFAR10_STD = (0.247, 0.243, 0.261)
+
+
+def _cifar_torchvision() -> dict[str, np.ndarray]:
+    from torchvision.datasets import CIFAR10
+
+    root = Path(os.environ.get("DTDA_DATA_DIR", REPO_ROOT / "data")) / "torchvision"
+    tr, te = CIFAR10(str(root), train=True, download=True), CIFAR10(str(root), train=False, download=True)
+    return {"x_train": np.asarray(tr.data, dtype=np.uint8), "y_train": np.asarray(tr.targets, dtype=np.uint8),
+            "x_test": np.asarray(te.data, dtype=np.uint8), "y_test": np.asarray(te.targets, dtype=np.uint8)}
+
+
+def _cifar_hf() -> dict[str, np.ndarray]:
+    import datasets  # type: ignore[import-not-found]
+
+    ds = datasets.load_dataset("uoft-cs/cifar10")
+    out = {}
+    for split, tag in (("train", "train"), ("test", "test")):
+        out[f"x_{tag}"] = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[split]["img"]])
+        out[f"y_{tag}"] = np.asarray(ds[split]["label"], dtype=np.uint8)
+    return out
+
+
+def load_cifar10() -> dict[str, np.ndarray]:
+    """CIFAR-10 as uint8 ``x_train [n, 32, 32, 3]`` (height, width, RGB), ``y_train``, ``x_test``, ``y_test``,
+    and ``idx_train`` / ``idx_test``: each image's position in the official order (``data_batch_1..5``
+    joined; ``test_batch``). A complete online copy is in the official order, so its positions are 0..n−1."""
+    arrays = load_arrays("cifar10", ("x_train", "y_train", "x_test", "y_test"),
+                         [("torchvision CIFAR10", _cifar_torchvision), ("Hugging Face uoft-cs/cifar10", _cifar_hf)])
+    for split in ("train", "test"):
+        if f"idx_{split}" not in arrays:
+            arrays[f"idx_{split}"] = np.arange(len(arrays[f"y_{split}"]), dtype=np.int64)
+    return arrays
+
+
+def select_official(available: np.ndarray, n: int, seed: int, official_size: int,
+                    unavailable: tuple[int, ...] = (), exclude: np.ndarray | None = None) -> np.ndarray:
+    """Positions (into the arrays) of ``n`` images drawn by *official index*: a seeded permutation of
+    0..official_size−1, skipping the ``unavailable`` positions (missing from some copies) and ``exclude``
+    (e.g. a disjoint split drawn before), first ``n`` kept. The same seed selects the same official images
+    from any copy that holds them. ``available [n_arr]``: the official position of each stored image."""
+    skip = np.zeros(official_size, dtype=bool)
+    skip[list(unavailable)] = True
+    if exclude is not None:
+        skip[np.asarray(exclude, dtype=np.int64)] = True
+    order = np.random.default_rng(seed).permutation(official_size)
+    chosen = order[~skip[order]][:n]
+    if len(chosen) < n:
+        raise ValueError(f"select_official: only {len(chosen)} official images are selectable, {n} requested")
+    where = np.full(official_size, -1, dtype=np.int64)
+    where[np.asarray(available, dtype=np.int64)] = np.arange(len(available))
+    positions = where[chosen]
+    if (positions < 0).any():
+        missing = chosen[positions < 0][:5].tolist()
+        raise ValueError(f"select_official: official images {missing}… are not in this copy of the data set")
+    return positions

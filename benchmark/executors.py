@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -291,9 +292,11 @@ def make_executor(spec: ExecutorSpec | None = None) -> Executor:
 _LOADED: dict[str, tuple[Any, Any]] = {}
 
 
-def loaded_task(task_name: str, scale: Any, dtype: str, device: str) -> tuple[Any, Any]:
+def loaded_task(task_name: str, scale: Any, dtype: str, device: str, data_sha: str = "") -> tuple[Any, Any]:
     """(task, data) for ``task_name`` at ``scale``, loaded once per process (a worker reloads the data from
-    disk: units carry names and settings, never arrays). The parent registers what it already loaded."""
+    disk: units carry names and settings, never arrays). The parent registers what it already loaded.
+    ``data_sha`` (:func:`data_fingerprint` of the caller's data) guards against a worker whose reloaded data
+    differ from the caller's (e.g. data the caller built by hand, which only ``local`` can see)."""
     key = _memo_key(task_name, scale, dtype, device)
     if key not in _LOADED:
         import tasks  # noqa: F401  (registers the tasks)
@@ -302,7 +305,27 @@ def loaded_task(task_name: str, scale: Any, dtype: str, device: str) -> tuple[An
         task = TASKS.get(task_name)(scale)
         data = task.load_data().to(torch.device(device), getattr(torch, dtype.removeprefix("torch.")))
         _LOADED[key] = (task, data)
-    return _LOADED[key]
+    task, data = _LOADED[key]
+    if data_sha and data_fingerprint(data) != data_sha:
+        raise ValueError(f"this worker's {task_name!r} data (task.load_data()) differ from the data the work was "
+                         "planned on; executors other than 'local' need data that task.load_data() reproduces")
+    return task, data
+
+
+def data_fingerprint(data: Any) -> str:
+    """sha256 of the training and test arrays (bytes, shapes, dtypes), memoised per data object."""
+    cached = _FINGERPRINTS.get(id(data))
+    if cached is not None and cached[0] is data:
+        return cached[1]
+    digest = hashlib.sha256()
+    for t in (data.x_train, data.y_train, data.x_test, data.y_test, data.train_index):
+        digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    _FINGERPRINTS[id(data)] = (data, digest.hexdigest())
+    return _FINGERPRINTS[id(data)][1]
+
+
+_FINGERPRINTS: dict[int, tuple[Any, str]] = {}
 
 
 def register_loaded(task: Any, data: Any) -> None:
@@ -317,4 +340,4 @@ def _memo_key(task_name: str, scale: Any, dtype: str, device: str) -> str:
 
 __all__ = ["EXECUTORS", "Executor", "ExecutorSpec", "LocalExecutor", "ProcessExecutor", "RayExecutor",
            "SlurmExecutor", "SlurmSettings", "UnitFailedError", "WorkUnit", "compute_into_store",
-           "loaded_task", "make_executor", "register_loaded"]
+           "data_fingerprint", "loaded_task", "make_executor", "register_loaded"]

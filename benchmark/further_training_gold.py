@@ -155,11 +155,12 @@ class GoldUnitJob:
     dtype: str
     device: str
     max_models: int = 1024
+    data_sha: str = ""
 
     def __call__(self) -> dict[str, torch.Tensor]:
         from benchmark.executors import loaded_task
 
-        task, data = loaded_task(self.task, self.scale, self.dtype, self.device)
+        task, data = loaded_task(self.task, self.scale, self.dtype, self.device, self.data_sha)
         ctx = RemovalContext(task=task, data=data, scale=self.scale, seeds=list(self.seeds),
                              theta_full=self.theta.to(data.x_train.device, data.x_train.dtype),
                              targets=torch.tensor(self.targets, dtype=torch.long),
@@ -172,7 +173,7 @@ def build_gold_standard(ctx: RemovalContext, store: UnitStore, cfg: GoldConfig,
                         executor: Executor | None = None) -> GoldStandard:
     """Compute (or load from the store) the gold standard for the first ``cfg.max_seeds`` seeds of ``ctx``;
     its units (``seeds_per_unit`` seeds each) go to ``executor`` (default: local, this process's threads)."""
-    from benchmark.executors import WorkUnit, make_executor, register_loaded
+    from benchmark.executors import WorkUnit, data_fingerprint, make_executor, register_loaded
     from benchmark.ground_truth import load_or_train_units
 
     executor = executor or make_executor()
@@ -187,7 +188,7 @@ def build_gold_standard(ctx: RemovalContext, store: UnitStore, cfg: GoldConfig,
         job = GoldUnitJob(ctx.task.name, ctx.scale, tuple(ctx.seeds[i] for i in seed_ids),
                           ctx.theta_full[seed_ids].detach().cpu(), tuple(ctx.targets.tolist()),
                           tuple(ctx.queries.tolist()), runs, str(ctx.data.x_train.dtype),
-                          ctx.data.x_train.device.type)
+                          ctx.data.x_train.device.type, data_sha=data_fingerprint(ctx.data))
         tags = {"task": ctx.task.name, "seeds": [ctx.seeds[seed_ids[0]], ctx.seeds[seed_ids[-1]]]}
         units.append(WorkUnit(key, config, job, "further_training_gold", tags, executor.threads,
                               runs=len(seed_ids) * runs.n_repeats * (1 + len(ctx.targets))))

@@ -23,7 +23,15 @@ from torch import Tensor
 
 from benchmark.config import CACHE_VERSION, Coupling, GroundTruthConfig, OptionError, TaskScale, derive_seed
 from benchmark.engine import build_schedule, init_seed, initial_params, train_models
-from benchmark.executors import Executor, WorkUnit, compute_into_store, loaded_task, make_executor, register_loaded
+from benchmark.executors import (
+    Executor,
+    WorkUnit,
+    compute_into_store,
+    data_fingerprint,
+    loaded_task,
+    make_executor,
+    register_loaded,
+)
 from benchmark.store import UnitStore, atomic_write_bytes, content_key
 from tasks.base import Task, TaskData, cross_entropy
 
@@ -126,9 +134,10 @@ class TrainRemovalsJob:
     dtype: str
     device: str
     max_models: int = MAX_MODELS
+    data_sha: str = ""
 
     def __call__(self) -> dict[str, Tensor]:
-        task, data = loaded_task(self.task, self.scale, self.dtype, self.device)
+        task, data = loaded_task(self.task, self.scale, self.dtype, self.device, self.data_sha)
         removals = [torch.tensor(r, dtype=torch.long) if isinstance(r, tuple) else r for r in self.removals]
         return train_removal_runs(task, data, self.scale, list(self.seeds), removals, list(self.labels),
                                   torch.tensor(self.queries, dtype=torch.long), self.coupling, self.max_models)
@@ -140,12 +149,13 @@ def removal_units(task: Task, data: TaskData, scale: TaskScale, seed_units: list
                   ) -> list[WorkUnit]:
     """One :class:`WorkUnit` per list of seeds, each training ``len(removals)`` runs per seed."""
     frozen = tuple(tuple(int(i) for i in r.tolist()) if isinstance(r, Tensor) else r for r in removals)
+    data_sha = data_fingerprint(data)
     units = []
     for seeds in seed_units:
         key, config = key_fn(seeds)
         job = TrainRemovalsJob(task.name, scale, tuple(seeds), frozen, tuple(labels), tuple(queries.tolist()),
                                coupling, str(data.x_train.dtype), data.x_train.device.type,
-                               config.get("max_models", MAX_MODELS))
+                               config.get("max_models", MAX_MODELS), data_sha)
         units.append(WorkUnit(key, config, job, kind, {**tags, "seeds": [seeds[0], seeds[-1]]}, threads,
                               runs=len(seeds) * len(removals)))
     return units

@@ -206,6 +206,17 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
               "device": str(opts.device) if opts.device.type == "cpu" else torch.cuda.get_device_name(opts.device),
               "torch_version": torch.__version__}
     rows: list[dict] = []
+    if task.experiment == "pruning":  # d-TDA Fig. 6: the task's own experiment, no LOO / LDS ground truth
+        from benchmark.pruning import run_pruning
+
+        start = time.perf_counter()
+        cfg = task.pruning_config(opts.scale)  # type: ignore[attr-defined]
+        rows, pruning_info = run_pruning(task, data, scale, cfg, store, out_dir, run_dir, common, executor,
+                                         progress=opts.progress)
+        info.update(pruning_info)
+        info["pruning_s"] = time.perf_counter() - start
+        atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
+        return rows
     if "loo" in opts.evaluations:
         start = time.perf_counter()
         gt = build_ground_truth(task, data, scale, store, opts.device, progress=opts.progress, executor=executor)

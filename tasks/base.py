@@ -66,6 +66,7 @@ class Task(ABC):
     measurement_names: ClassVar[tuple[str, ...]] = ("loss", "margin")
     supports_masked: ClassVar[bool] = True  # False if the model uses unweighted batch statistics
     lds_scales: ClassVar[Mapping[str, LdsConfig]] = {}  # the LDS ground truth per scale name (group removal)
+    experiment: ClassVar[str] = "attribution"  # "pruning": the task runs benchmark.pruning instead of LOO/LDS
 
     def __init__(self, scale: TaskScale) -> None:
         self.scale = scale

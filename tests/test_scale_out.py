@@ -267,3 +267,17 @@ def test_two_runs_on_one_cache_at_once(tmp_path: Path) -> None:
     assert faults.arrays_difference(tmp_path / "out0", tmp_path / "out1") == ""
     boards = [tmp_path / f"out{i}" / "leaderboard.csv" for i in range(2)]
     assert faults.leaderboard_difference(*boards) == ""
+
+
+def test_worker_refuses_data_it_cannot_reproduce(tmp_path: Path) -> None:
+    """A worker reloads the data itself; hand-built data (here doubled inputs) is refused, not silently swapped."""
+    scale = dataclasses.replace(tiny_scale(n_train=48), ground_truth=GroundTruthConfig(
+        n_seeds=4, n_targets=2, n_queries=3, seeds_per_unit=4))
+    task, data = make_task(scale)
+    doubled = dataclasses.replace(data, x_train=data.x_train * 2)
+    with pytest.raises(UnitFailedError, match="differ from the data the work was planned on"):
+        build_ground_truth(task, doubled, scale, UnitStore(tmp_path), torch.device("cpu"), progress=False,
+                           executor=ProcessExecutor(threads=1, workers=1))
+    gt = build_ground_truth(task, doubled, scale, UnitStore(tmp_path / "local"), torch.device("cpu"),
+                            progress=False, executor=LocalExecutor(threads=1))  # local sees the caller's data
+    assert np.isfinite(gt.measurements).all()

@@ -235,6 +235,10 @@ def write_report(out_dir: Path, task: str, scale: str) -> Path:
     """
     out_dir = Path(out_dir)
     run_dir = out_dir / task / scale
+    if not (run_dir / "ground_truth.npz").is_file() and (run_dir / "pruning_summary.csv").is_file():
+        from .pruning_section import write_pruning_report
+
+        return write_pruning_report(out_dir, task, scale)
     if not (run_dir / "ground_truth.npz").is_file() and (run_dir / "lds_ground_truth.npz").is_file():
         return _write_lds_only_report(out_dir, task, scale)
     gt = load_ground_truth(run_dir / "ground_truth.npz")

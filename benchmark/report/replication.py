@@ -272,8 +272,12 @@ def replication_rows(run_dir: Path) -> list[dict[str, str]]:
     """Every claim's row, in the order of the papers."""
     rows = [loo_noisy_claim(run_dir), rank_differently_claim(run_dir)]
     rows += _mechanism_rows(run_dir)
-    rows.append(_row("d-TDA", "data pruning with distributional influence beats fixed-seed influence (Fig. 6)",
-                     "—", "—", "—", NOT_TESTED, "needs the vit_pruning task (not in this suite yet)"))
+    from .pruning_section import CLAIM, pruning_replication_row
+
+    pruning = pruning_replication_row(run_dir.parent.parent, run_dir.name)
+    rows.append(pruning or _row("d-TDA", CLAIM, "—", "—", "—", NOT_TESTED,
+                                f"run the vit_pruning task at scale {run_dir.name!r} (python run_all.py --tasks "
+                                f"vit_pruning --scale {run_dir.name}) before this task's report"))
     rows += source_segments_claim(run_dir)
     rows += source_vs_if_claim(run_dir)
     rows += wei_claims(run_dir)
