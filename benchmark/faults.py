@@ -6,8 +6,8 @@ generator), records every finished unit file (inode and mtime), resumes the job 
 
 1. no unit finished before the kill was recomputed or rewritten (same inode, same mtime);
 2. the final leaderboard equals the reference's on every column but the timing ones (``runtime_s``,
-   ``peak_rss_mb`` and the value of ``cost`` rows: a prediction recomputed after the kill is timed again,
-   and each run times its own reference training), NaN = NaN;
+   ``peak_rss_mb`` and the value of ``cost`` rows and ``seconds_*`` info rows: a prediction recomputed after
+   the kill is timed again, and each run times its own reference training), NaN = NaN;
 3. the exported ground-truth arrays equal the reference's bit for bit.
 
 It prints one line per repeat and, last, ``kill_resume_ok=<passed>/<repeats>``; exit status 0 only when
@@ -85,9 +85,9 @@ def leaderboard_difference(reference: Path, other: Path) -> str:
         return f"columns differ: {sorted(set(a.columns) ^ set(b.columns))}"
     a = a[cols].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
     b = b[cols].sort_values(list(KEY_COLUMNS)).reset_index(drop=True)
-    if "regime" in cols:  # cost rows are timings (runtime relative to a training timed in this run)
-        a.loc[a["regime"] == "cost", "value"] = np.nan
-        b.loc[b["regime"] == "cost", "value"] = np.nan
+    for frame in (a, b):  # timings: cost rows (relative to a training timed in this run), seconds_* info rows
+        timing = (frame["regime"] == "cost") | frame["metric"].astype(str).str.contains("seconds")
+        frame.loc[timing, "value"] = np.nan
     for c in cols:
         x, y = a[c].to_numpy(), b[c].to_numpy()
         same = (x == y) | (pd.isna(x) & pd.isna(y))

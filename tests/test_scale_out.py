@@ -162,11 +162,12 @@ def test_faults_checks_can_fail(tmp_path: Path) -> None:
     assert faults.rewritten_units(stamps, tmp_path / "cache") == []
     os.utime(unit, ns=(1, 1))
     assert faults.rewritten_units(stamps, tmp_path / "cache") == [unit.name]
-    frame = "task,scale,method,variant,measurement,metric,coupling,value,runtime_s\nt,s,m,v,loss,x,c,{v},{r}\n"
+    frame = ("task,scale,method,variant,measurement,metric,coupling,regime,value,runtime_s\n"
+             "t,s,m,v,loss,x,c,distributional,{v},{r}\nt,s,m,v,all,seconds_per_seed,c,info,{r},{r}\n")
     (tmp_path / "a.csv").write_text(frame.format(v=0.5, r=1.0))
     (tmp_path / "b.csv").write_text(frame.format(v=0.5, r=9.0))
     (tmp_path / "c.csv").write_text(frame.format(v=0.6, r=1.0))
-    assert faults.leaderboard_difference(tmp_path / "a.csv", tmp_path / "b.csv") == ""  # timing ignored
+    assert faults.leaderboard_difference(tmp_path / "a.csv", tmp_path / "b.csv") == ""  # timings ignored
     assert "value" in faults.leaderboard_difference(tmp_path / "a.csv", tmp_path / "c.csv")
     for name, arr in (("ra", np.zeros(3)), ("rb", np.ones(3))):
         (tmp_path / name).mkdir()
