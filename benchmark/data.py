@@ -85,15 +85,20 @@ def _mnist_torchvision() -> dict[str, np.ndarray]:
             "x_test": te.data.numpy(), "y_test": te.targets.numpy()}
 
 
-def _mnist_hf() -> dict[str, np.ndarray]:
+def _hf_arrays(name: str, image_column: str) -> dict[str, np.ndarray]:
+    """A Hugging Face image data set as uint8 arrays x_train, y_train, x_test, y_test (official order)."""
     import datasets  # type: ignore[import-not-found]
 
-    ds = datasets.load_dataset("ylecun/mnist")
+    ds = datasets.load_dataset(name)
     out = {}
-    for split, tag in (("train", "train"), ("test", "test")):
-        out[f"x_{tag}"] = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[split]["image"]])
-        out[f"y_{tag}"] = np.asarray(ds[split]["label"], dtype=np.uint8)
+    for split in ("train", "test"):
+        out[f"x_{split}"] = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[split][image_column]])
+        out[f"y_{split}"] = np.asarray(ds[split]["label"], dtype=np.uint8)
     return out
+
+
+def _mnist_hf() -> dict[str, np.ndarray]:
+    return _hf_arrays("ylecun/mnist", "image")
 
 
 def load_mnist() -> dict[str, np.ndarray]:
@@ -131,14 +136,7 @@ def _cifar_torchvision() -> dict[str, np.ndarray]:
 
 
 def _cifar_hf() -> dict[str, np.ndarray]:
-    import datasets  # type: ignore[import-not-found]
-
-    ds = datasets.load_dataset("uoft-cs/cifar10")
-    out = {}
-    for split, tag in (("train", "train"), ("test", "test")):
-        out[f"x_{tag}"] = np.stack([np.asarray(im, dtype=np.uint8) for im in ds[split]["img"]])
-        out[f"y_{tag}"] = np.asarray(ds[split]["label"], dtype=np.uint8)
-    return out
+    return _hf_arrays("uoft-cs/cifar10", "img")
 
 
 def load_cifar10() -> dict[str, np.ndarray]:
