@@ -2,15 +2,17 @@
 
 Per (task, evaluation) it lists the work units the executor would receive (LOO and LDS ground truth),
 how many are already in the store, the training runs still to do, and minutes estimated from a short
-calibration on this device: one batch of ``CALIBRATION_MODELS`` models trained for one epoch along the
-model axis with the units' thread count (units batch up to 1,024 models, so this errs on the slow side):
+calibration on this device: one batch of ``CALIBRATION_MODELS`` models trained along the model axis for
+``CALIBRATION_STEPS`` steps (at most an epoch) with the units' thread count, scaled to an epoch (units batch
+up to 1,024 models, so this errs on the slow side):
 
     est_minutes = runs_to_train × epochs × (seconds per model-epoch) / parallel / 60,
 
 with ``parallel`` the executor's concurrency (process workers; SLURM array parallelism or Ray workers, each
 capped by the number of units). It is an estimate at this device's speed, not a promise. Work that runs
 after the ground truth in the harness (methods, the further-training gold standard, the mechanism study)
-is not distributed and not estimated here.
+is not distributed and not estimated here. A pruning task plans its full runs and arms (``eval`` ``prune``);
+before its scores are cached, the arms are placeholders counted as uncached.
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from dataclasses import dataclass
 import torch
 
 from benchmark.config import Coupling, TaskScale
-from benchmark.engine import build_schedule, initial_params, train_models
+from benchmark.engine import Schedule, build_schedule, initial_params, steps_per_epoch, train_models
 from benchmark.executors import Executor, ProcessExecutor, RayExecutor, SlurmExecutor, WorkUnit, register_loaded
 from benchmark.ground_truth import loo_units, select_targets_and_queries
-from benchmark.store import UnitStore
+from benchmark.store import UnitStore, content_key
 from tasks.base import Task, TaskData
 
-CALIBRATION_MODELS = 16
+CALIBRATION_MODELS = 8
+CALIBRATION_MAX_MODELS = 512
+CALIBRATION_QUICK_S = 1.0
+CALIBRATION_SLOW_STEP_S = 5.0  # a warm-up step this slow is the estimate itself
+CALIBRATION_STEPS = 5  # timed steps (at most one epoch, after one untimed warm-up step), scaled to an epoch
 
 
 @dataclass(frozen=True)
@@ -46,18 +52,33 @@ class PlanRow:
 
 def seconds_per_model_epoch(task: Task, data: TaskData, scale: TaskScale, threads: int,
                             n_models: int = CALIBRATION_MODELS) -> float:
-    """Wall seconds per model per epoch, from one epoch of ``n_models`` models trained together with the
-    units' thread count."""
+    """Wall seconds per model per epoch, from the first ``CALIBRATION_STEPS`` steps (at most one epoch) of
+    ``n_models`` models trained together with the units' thread count, scaled to a full epoch. While that
+    takes under ``CALIBRATION_QUICK_S`` the batch of models grows ×4 (up to ``CALIBRATION_MAX_MODELS``), so
+    cheap models are timed at a batching closer to the units' own (up to 1,024 models)."""
     one_epoch = dataclasses.replace(scale.train, epochs=1)
-    seeds = list(range(n_models))
-    schedules = [build_schedule(task.name, data.n_train, one_epoch, s, None, Coupling.MASKED) for s in seeds]
-    theta0 = initial_params(task, seeds, data.x_train.dtype, data.x_train.device)
+    per_epoch = steps_per_epoch(data.n_train, one_epoch.batch_size)
+    steps = min(CALIBRATION_STEPS, per_epoch)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        start = time.perf_counter()
-        train_models(task, data, one_epoch, schedules, theta0)
-        return (time.perf_counter() - start) / n_models
+        while True:
+            seeds = list(range(n_models))
+            full = [build_schedule(task.name, data.n_train, one_epoch, s, None, Coupling.MASKED) for s in seeds]
+            theta0 = initial_params(task, seeds, data.x_train.dtype, data.x_train.device)
+            warm = [Schedule(s.idx[:1], s.weight[:1], s.denom[:1]) for s in full]
+            start = time.perf_counter()
+            train_models(task, data, one_epoch, warm, theta0)  # first-call overheads are not a model-epoch's cost
+            warm_wall = time.perf_counter() - start
+            if warm_wall >= CALIBRATION_SLOW_STEP_S:  # a big model: its one step already says enough
+                return warm_wall / n_models * per_epoch
+            start = time.perf_counter()
+            train_models(task, data, one_epoch, [Schedule(s.idx[:steps], s.weight[:steps], s.denom[:steps])
+                                                 for s in full], theta0)
+            wall = time.perf_counter() - start
+            if wall >= CALIBRATION_QUICK_S or n_models >= CALIBRATION_MAX_MODELS:
+                return wall / n_models * per_epoch / steps
+            n_models *= 4
     finally:
         torch.set_num_threads(previous)
 
@@ -82,6 +103,9 @@ def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, eva
 
     register_loaded(task, data)
     groups: list[tuple[str, list[WorkUnit]]] = []
+    if task.experiment == "pruning":
+        groups.append(("prune", pruning_units(task, data, scale, scale_name, store, executor)))
+        evaluations = ()
     if "loo" in evaluations:
         targets, queries = select_targets_and_queries(data, scale.ground_truth, task.name)
         groups.append(("loo", loo_units(task, data, scale, device, targets, queries, scale.ground_truth.seeds,
@@ -101,6 +125,31 @@ def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, eva
     return rows
 
 
+def pruning_units(task: Task, data: TaskData, scale: TaskScale, scale_name: str, store: UnitStore,
+                  executor: Executor) -> list[WorkUnit]:
+    """The pruning experiment's trainings: the full runs, then every arm. The arms' removals depend on the
+    scores, so before the scores are cached they are planned as placeholders (uncached, S runs each)."""
+    from benchmark.pruning import arm_removals, arm_unit, cached_scores
+
+    cfg = task.pruning_config(scale_name)  # type: ignore[attr-defined]
+    full = arm_unit(task, data, scale, cfg, "full", [[]] * cfg.n_seeds, executor.threads, keep_checkpoints=True)
+    scores = cached_scores(task, cfg, full, store)
+    units = [full]
+    for fraction in cfg.fractions:
+        arms = [(a, None) for a in ("random", "fixed_seed", "distributional")]
+        arms += [("distributional_var", c) for c in cfg.c_grid]
+        for arm, c in arms:
+            if scores is None:
+                placeholder = content_key("planned pruning arm", task.name, arm, fraction, c)  # never stored
+                units.append(WorkUnit(placeholder, {}, full.job, "pruning_arm", {}, executor.threads,
+                                      runs=cfg.n_seeds))
+            else:
+                removals = arm_removals(arm, scores, fraction, cfg.seeds, task.name, c)
+                units.append(arm_unit(task, data, scale, cfg, arm, removals, executor.threads, fraction=fraction,
+                                      c=c))
+    return units
+
+
 def format_plan(rows: list[PlanRow], executor: Executor, device: torch.device) -> str:
     """The plan as a fixed-width table with a total line."""
     head = f"{'task':<14}{'scale':<7}{'eval':<5}{'units':>7}{'cached':>8}{'runs':>10}{'to train':>10}" \
@@ -111,7 +160,7 @@ def format_plan(rows: list[PlanRow], executor: Executor, device: torch.device) -
                      f"{r.runs_to_train:>10}{r.epochs:>8}{r.est_minutes:>10.1f}")
     lines.append(f"total: {sum(r.units for r in rows)} unit(s), {sum(r.cached for r in rows)} cached, "
                  f"{sum(r.runs_to_train for r in rows)} training run(s) to do, ≈ "
-                 f"{sum(r.est_minutes for r in rows):.1f} min of ground truth (estimate from a "
-                 f"{CALIBRATION_MODELS}-model one-epoch calibration); methods, the gold standard and the mechanism "
-                 "study run afterwards and are not estimated")
+                 f"{sum(r.est_minutes for r in rows):.1f} min of training (estimated from a short calibration "
+                 "on this device); methods, the gold standard and the mechanism study run afterwards and are "
+                 "not estimated")
     return "\n".join(lines)

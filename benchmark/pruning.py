@@ -209,6 +209,27 @@ class MeanLossTask:
         return torch.stack([self.measurements(th, x, y) for th in theta])
 
 
+def _scores_key(task: Task, cfg: PruningConfig, method: Any, val_index: Tensor, theta_sha: str) -> tuple[str, dict]:
+    config = {"version": CACHE_VERSION, "kind": "pruning_scores", "task": task.name, "scorer": cfg.scorer,
+              "method_config": method.config_dict(), "val_index": val_index.tolist(), "theta_sha256": theta_sha}
+    return content_key(config), config
+
+
+def cached_scores(task: Task, cfg: PruningConfig, full_unit: WorkUnit, store: UnitStore) -> np.ndarray | None:
+    """u [S, N] from the store when the full runs and their scores are both cached (for ``--dry-run``)."""
+    import methods  # noqa: F401  (registers the methods)
+    from benchmark.registry import METHODS
+
+    full = store.get(full_unit.key, full_unit.config) if store.has(full_unit.key) else None
+    if full is None:
+        return None
+    _, _, val_index = task.load_validation(cfg.n_val)  # type: ignore[attr-defined]
+    key, config = _scores_key(task, cfg, METHODS.get(cfg.scorer)(), val_index,
+                              hashlib.sha256(full["theta"].numpy().tobytes()).hexdigest())
+    cached = store.get(key, config) if store.has(key) else None
+    return None if cached is None else cached["scores"].double().numpy()
+
+
 def score_examples(task: Task, data: TaskData, scale: TaskScale, cfg: PruningConfig, full: dict[str, Tensor],
                    store: UnitStore, progress: bool) -> tuple[np.ndarray, float, dict]:
     """u [S, N]: the scorer's predicted change of the mean validation loss on removing each example
@@ -219,10 +240,8 @@ def score_examples(task: Task, data: TaskData, scale: TaskScale, cfg: PruningCon
 
     method = METHODS.get(cfg.scorer)()
     x_val, y_val, val_index = task.load_validation(cfg.n_val)  # type: ignore[attr-defined]
-    config = {"version": CACHE_VERSION, "kind": "pruning_scores", "task": task.name, "scorer": cfg.scorer,
-              "method_config": method.config_dict(), "val_index": val_index.tolist(),
-              "theta_sha256": hashlib.sha256(full["theta"].numpy().tobytes()).hexdigest()}
-    key = content_key(config)
+    key, config = _scores_key(task, cfg, method, val_index,
+                              hashlib.sha256(full["theta"].numpy().tobytes()).hexdigest())
     cached = store.get(key, config)
     if cached is not None:
         return cached["scores"].double().numpy(), float(cached["runtime_s"]), {}
