@@ -28,7 +28,6 @@ rerun reuses them and any executor can compute them. Outputs: ``<out>/pruning.cs
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from dataclasses import asdict, dataclass
@@ -51,6 +50,8 @@ from benchmark.executors import (
     make_executor,
     register_loaded,
 )
+from benchmark.further_training_gold import theta_digest
+from benchmark.leaderboard import write_csv
 from benchmark.store import UnitStore, atomic_write_bytes, content_key
 from tasks.base import Task, TaskData, cross_entropy
 
@@ -225,7 +226,7 @@ def cached_scores(task: Task, cfg: PruningConfig, full_unit: WorkUnit, store: Un
         return None
     _, _, val_index = task.load_validation(cfg.n_val)  # type: ignore[attr-defined]
     key, config = _scores_key(task, cfg, METHODS.get(cfg.scorer)(), val_index,
-                              hashlib.sha256(full["theta"].numpy().tobytes()).hexdigest())
+                              theta_digest(full["theta"]))
     cached = store.get(key, config) if store.has(key) else None
     return None if cached is None else cached["scores"].double().numpy()
 
@@ -241,7 +242,7 @@ def score_examples(task: Task, data: TaskData, scale: TaskScale, cfg: PruningCon
     method = METHODS.get(cfg.scorer)()
     x_val, y_val, val_index = task.load_validation(cfg.n_val)  # type: ignore[attr-defined]
     key, config = _scores_key(task, cfg, method, val_index,
-                              hashlib.sha256(full["theta"].numpy().tobytes()).hexdigest())
+                              theta_digest(full["theta"]))
     cached = store.get(key, config)
     if cached is not None:
         return cached["scores"].double().numpy(), float(cached["runtime_s"]), {}
@@ -297,8 +298,8 @@ def run_pruning(task: Task, data: TaskData, scale: TaskScale, cfg: PruningConfig
     info["pruning"]["chosen_c"] = {str(f): float(per_seed[(per_seed.fraction == f) & per_seed.reported
                                                           & (per_seed.arm == "distributional_var")]["c"].iloc[0])
                                    for f in cfg.fractions}
-    _write_csv(run_dir / "pruning_summary.csv", summary)
-    _write_csv(run_dir / "pruning_per_seed.csv", per_seed.drop(columns=["removed"]))
+    write_csv(summary, run_dir / "pruning_summary.csv")
+    write_csv(per_seed.drop(columns=["removed"]), run_dir / "pruning_per_seed.csv")
     merged = per_seed.drop(columns=["removed"]).assign(task=task.name, scale=common["scale"])
     _merge_csv(out_dir / "pruning.csv", merged, task.name, common["scale"])
     buf = io.BytesIO()
@@ -366,16 +367,10 @@ def _seed_text(cfg: PruningConfig) -> str:
     return seed_ranges(cfg.seeds)
 
 
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    buf = io.StringIO()
-    frame.to_csv(buf, index=False, float_format="%.6g")
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
 def _merge_csv(path: Path, frame: pd.DataFrame, task: str, scale: str) -> None:
     """Replace this (task, scale)'s rows of ``path`` (the cross-task ``results/pruning.csv``)."""
     if path.is_file():
         old = pd.read_csv(path)
         old = old[~((old["task"] == task) & (old["scale"] == scale))]
         frame = pd.concat([old, frame], ignore_index=True) if len(old) else frame
-    _write_csv(path, frame)
+    write_csv(frame, path)
