@@ -13,6 +13,7 @@ The learning rate is indexed by the full-data run's step grid, so all couplings 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -62,9 +63,12 @@ def order_seed(task_name: str, seed: int, removed: object, coupling: Coupling) -
     return derive_seed("batch_order", task_name, seed)
 
 
-def permutations(n_train: int, epochs: int, order: int) -> list[Tensor]:
+@functools.lru_cache(maxsize=16)
+def permutations(n_train: int, epochs: int, order: int) -> tuple[Tensor, ...]:
+    """Each epoch's permutation of 0..N−1 drawn from ``order``; memoised (the 1+K runs of one seed share
+    them under masked and deleted coupling), so callers must not modify the tensors in place."""
     gen = torch.Generator().manual_seed(order)
-    return [torch.randperm(n_train, generator=gen) for _ in range(epochs)]
+    return tuple(torch.randperm(n_train, generator=gen) for _ in range(epochs))
 
 
 def build_schedule(
@@ -97,12 +101,13 @@ def build_schedule(
             else:
                 perm = perm[~gone]
                 w_perm = w_perm[: perm.numel()]
-        for j in range(per_epoch):
-            chunk = perm[j * bsz:(j + 1) * bsz]
-            t = e * per_epoch + j
-            idx[t, : chunk.numel()] = chunk
-            weight[t, : chunk.numel()] = w_perm[j * bsz:j * bsz + chunk.numel()]
-            denom[t] = chunk.numel()
+        # Step j of the epoch holds perm[j·B : (j+1)·B]; the tail of the last real batch and any step past
+        # the data (a deleted group) stay zero with weight 0, and B_t counts the real slots.
+        n_e = perm.numel()
+        steps = slice(e * per_epoch, (e + 1) * per_epoch)
+        idx[steps].view(-1)[:n_e] = perm
+        weight[steps].view(-1)[:n_e] = w_perm
+        denom[steps] = (n_e - bsz * torch.arange(per_epoch, dtype=torch.float64)).clamp(0, bsz)
     return Schedule(idx=idx, weight=weight, denom=denom)
 
 
@@ -208,9 +213,10 @@ def initial_params(task: Task, seeds: list[int], dtype: torch.dtype, device: tor
                    removed: list[object] | None = None, coupling: Coupling = Coupling.MASKED) -> Tensor:
     """θ0 [n, P] for runs (seed, removed) under a coupling; drawn on the CPU for device independence."""
     removed = removed or [None] * len(seeds)
-    thetas = [task.init_params(torch.Generator().manual_seed(init_seed(task.name, s, r, coupling)), dtype)
-              for s, r in zip(seeds, removed)]
-    return torch.stack(thetas).to(device)
+    init = [init_seed(task.name, s, r, coupling) for s, r in zip(seeds, removed)]
+    position = {i: j for j, i in enumerate(dict.fromkeys(init))}  # one draw per distinct init seed
+    drawn = torch.stack([task.init_params(torch.Generator().manual_seed(i), dtype) for i in position])
+    return drawn[torch.tensor([position[i] for i in init])].to(device)
 
 
 def configure_determinism(device: torch.device) -> None:

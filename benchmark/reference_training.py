@@ -29,7 +29,7 @@ def build_mlp(task: Task, theta: Tensor) -> nn.Sequential:
         layers.append(nn.Linear(d_in, d_out))
         if i < len(sizes) - 2:
             layers.append(_ACTS[task.scale.model.activation]())
-    model = nn.Sequential(*layers).to(theta.dtype)
+    model = nn.Sequential(*layers).to(theta.device, theta.dtype)
     params = task.unflatten(theta)
     linears = [m for m in model if isinstance(m, nn.Linear)]
     with torch.no_grad():
@@ -52,7 +52,7 @@ def train_torch_loop(task: Task, data: TaskData, cfg: TrainConfig, schedule: Sch
         n_real = int(schedule.denom[t])
         if n_real == 0:
             continue
-        idx, w = schedule.idx[t, :n_real], schedule.weight[t, :n_real].to(theta0.dtype)
+        idx, w = schedule.idx[t, :n_real], schedule.weight[t, :n_real].to(theta0)
         for group in opt.param_groups:
             group["lr"] = float(lrs[t])
         opt.zero_grad(set_to_none=True)
@@ -79,7 +79,7 @@ def train_vmap_ensemble(task: Task, data: TaskData, cfg: TrainConfig, schedule: 
     lrs = learning_rates(cfg, schedule.idx.shape[0]).tolist()
     for t in range(schedule.idx.shape[0]):
         n_real = int(schedule.denom[t])
-        idx, w = schedule.idx[t, :n_real], schedule.weight[t, :n_real].to(theta0.dtype)
+        idx, w = schedule.idx[t, :n_real], schedule.weight[t, :n_real].to(theta0)
         grads = grad_fn(dict(zip(names, leaves)), buffers, data.x_train[idx], data.y_train[idx], w)
         g = [grads[k] for k in names]
         torch._foreach_add_(g, leaves, alpha=cfg.weight_decay)

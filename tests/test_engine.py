@@ -102,3 +102,50 @@ def test_checkpoints_only_for_requested_models() -> None:
     assert torch.equal(res.checkpoints[:, 0], theta0[[0, 2]])  # epoch 0 is the initialisation
     assert torch.equal(res.checkpoints[:, -1], res.theta[[0, 2]])  # the last epoch end is the final θ
     assert train_models(task, data, scale.train, [sched], theta0[:1]).checkpoints is None
+
+
+def _loop_schedule(n_train: int, cfg: TrainConfig, seed: int, removed: object, coupling: Coupling,
+                   label: object = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The schedule built slot by slot (the definition ``build_schedule`` vectorises)."""
+    bsz, per_epoch = cfg.batch_size, -(-n_train // cfg.batch_size)
+    idx = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.long)
+    weight = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.float64)
+    denom = torch.zeros(cfg.epochs * per_epoch, dtype=torch.float64)
+    run_id = label if label is not None else removed
+    gen = torch.Generator().manual_seed(order_seed("t", seed, run_id, coupling))
+    for e in range(cfg.epochs):
+        perm = torch.randperm(n_train, generator=gen)
+        w = torch.ones(n_train, dtype=torch.float64)
+        if removed is not None:
+            gone = torch.isin(perm, torch.as_tensor(removed).reshape(-1))
+            if coupling is Coupling.MASKED:
+                w[gone] = 0.0
+            else:
+                perm, w = perm[~gone], w[: int((~gone).sum())]
+        for j in range(per_epoch):
+            chunk = perm[j * bsz:(j + 1) * bsz]
+            idx[e * per_epoch + j, :len(chunk)] = chunk
+            weight[e * per_epoch + j, :len(chunk)] = w[j * bsz:j * bsz + len(chunk)]
+            denom[e * per_epoch + j] = len(chunk)
+    return idx, weight, denom
+
+
+@pytest.mark.parametrize("coupling", list(Coupling))
+@pytest.mark.parametrize("n_train,batch", [(40, 8), (37, 8), (10, 16)])
+def test_schedule_equals_slot_by_slot_definition(coupling: Coupling, n_train: int, batch: int) -> None:
+    cfg = TrainConfig(lr=0.1, batch_size=batch, epochs=3)
+    for removed in (None, 3, torch.tensor([0, 5, 9]), torch.arange(0, n_train, 2), torch.arange(n_train - 2)):
+        got = build_schedule("t", n_train, cfg, 7, removed, coupling, label="g")
+        want = _loop_schedule(n_train, cfg, 7, removed, coupling, label="g")
+        for a, b in zip((got.idx, got.weight, got.denom), want):
+            assert torch.equal(a, b)
+
+
+def test_initial_params_draw_each_run_from_its_own_init_seed() -> None:
+    task = make_task(tiny_scale())
+    seeds, removed = [0, 0, 1, 1], [None, 2, None, 3]
+    for coupling in Coupling:
+        theta = initial_params(task, seeds, torch.float64, "cpu", removed, coupling)
+        for row, s, r in zip(theta, seeds, removed):
+            gen = torch.Generator().manual_seed(init_seed(task.name, s, r, coupling))
+            assert torch.equal(row, task.init_params(gen, torch.float64))
