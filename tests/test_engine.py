@@ -142,7 +142,7 @@ def test_schedule_equals_slot_by_slot_definition(coupling: Coupling, n_train: in
 
 
 def test_initial_params_draw_each_run_from_its_own_init_seed() -> None:
-    task = make_task(tiny_scale())
+    task, _ = make_task(tiny_scale())
     seeds, removed = [0, 0, 1, 1], [None, 2, None, 3]
     for coupling in Coupling:
         theta = initial_params(task, seeds, torch.float64, "cpu", removed, coupling)
