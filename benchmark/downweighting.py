@@ -63,6 +63,7 @@ def downweighted_schedule(
         idx=torch.cat([base.idx, extra_idx], dim=1),
         weight=torch.cat([base.weight, extra_w], dim=1),
         denom=base.denom.clone(),
+        order=base.order,
     )
 
 

@@ -26,11 +26,13 @@ from tasks.base import Task, TaskData, cross_entropy
 
 @dataclass(frozen=True)
 class Schedule:
-    """The batches of one run: idx [T, B] (training indices), weight [T, B], denom [T] (real slots)."""
+    """The batches of one run: idx [T, B] (training indices), weight [T, B], denom [T] (real slots);
+    ``order`` is the run's batch-order seed, which also seeds its data augmentation (``Task.augment``)."""
 
     idx: Tensor
     weight: Tensor
     denom: Tensor
+    order: int = 0
 
 
 def steps_per_epoch(n_train: int, batch_size: int) -> int:
@@ -91,7 +93,8 @@ def build_schedule(
     weight = torch.zeros(cfg.epochs * per_epoch, bsz, dtype=torch.float64)
     denom = torch.zeros(cfg.epochs * per_epoch, dtype=torch.float64)
     run_id = label if label is not None else removed
-    perms = permutations(n_train, cfg.epochs, order_seed(task_name, seed, run_id, coupling))  # type: ignore[arg-type]
+    order = order_seed(task_name, seed, run_id, coupling)
+    perms = permutations(n_train, cfg.epochs, order)
     for e, perm in enumerate(perms):
         w_perm = torch.ones(n_train, dtype=torch.float64)
         if removed is not None:
@@ -108,7 +111,7 @@ def build_schedule(
         idx[steps].view(-1)[:n_e] = perm
         weight[steps].view(-1)[:n_e] = w_perm
         denom[steps] = (n_e - bsz * torch.arange(per_epoch, dtype=torch.float64)).clamp(0, bsz)
-    return Schedule(idx=idx, weight=weight, denom=denom)
+    return Schedule(idx=idx, weight=weight, denom=denom, order=order)
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ def train_models(
     group = shared_batch_groups(schedules)
     device = data.x_train.device
     idx = torch.stack([s.idx for s in schedules[::group]]).to(device)  # [G, T, B]
+    orders = torch.tensor([s.order for s in schedules[::group]], dtype=torch.long, device=device)  # [G]
     weight = torch.stack([s.weight for s in schedules]).to(theta0)  # [n, T, B]
     denom = torch.stack([s.denom for s in schedules]).to(theta0)  # [n, T]
     n_steps = idx.shape[1]
@@ -177,8 +181,10 @@ def train_models(
     ckpts = [snapshot(checkpoint_models)] if checkpoint_models is not None else None
     for t in range(n_steps):
         xb = data.x_train[idx[:, t]]  # [G, B, ...]
+        if task.augments:
+            xb = task.augment(xb, idx[:, t], orders, t // per_epoch)
         yb = data.y_train[idx[:, t]].repeat_interleave(group, dim=0)  # [n, B]
-        logits = task.logits_grouped(dict(zip(names, leaves)), xb)
+        logits = task.logits_grouped(dict(zip(names, leaves)), xb, weight[:, t])
         losses = (cross_entropy(logits, yb) * weight[:, t]).sum(1) / denom[:, t].clamp(min=1)  # [n]
         grads = torch.autograd.grad(losses.sum(), leaves)
         with torch.no_grad():

@@ -66,14 +66,14 @@ def seconds_per_model_epoch(task: Task, data: TaskData, scale: TaskScale, thread
             seeds = list(range(n_models))
             full = [build_schedule(task.name, data.n_train, one_epoch, s, None, Coupling.MASKED) for s in seeds]
             theta0 = initial_params(task, seeds, data.x_train.dtype, data.x_train.device)
-            warm = [Schedule(s.idx[:1], s.weight[:1], s.denom[:1]) for s in full]
+            warm = [Schedule(s.idx[:1], s.weight[:1], s.denom[:1], s.order) for s in full]
             start = time.perf_counter()
             train_models(task, data, one_epoch, warm, theta0)  # first-call overheads are not a model-epoch's cost
             warm_wall = time.perf_counter() - start
             if warm_wall >= CALIBRATION_SLOW_STEP_S:  # a big model: its one step already says enough
                 return warm_wall / n_models * per_epoch
             start = time.perf_counter()
-            train_models(task, data, one_epoch, [Schedule(s.idx[:steps], s.weight[:steps], s.denom[:steps])
+            train_models(task, data, one_epoch, [Schedule(s.idx[:steps], s.weight[:steps], s.denom[:steps], s.order)
                                                  for s in full], theta0)
             wall = time.perf_counter() - start
             if wall >= CALIBRATION_QUICK_S or n_models >= CALIBRATION_MAX_MODELS:

@@ -34,7 +34,7 @@ from torch.func import grad, jvp, vjp, vmap
 from tqdm.auto import tqdm
 
 from benchmark.config import Coupling, OptionError
-from benchmark.engine import build_schedule, initial_params, learning_rates
+from benchmark.engine import build_schedule, initial_params, learning_rates, order_seed, steps_per_epoch
 from benchmark.registry import register_method
 from methods.base import Method, RemovalContext, measurement_grads
 from tasks.base import Task
@@ -57,7 +57,8 @@ class UnrollConfig:
 def replay_schedules(ctx: RemovalContext, seed_ids: list[int]
                      ) -> tuple[list[int], Tensor, Tensor, Tensor, list[float]]:
     """The seeds' full-run batch schedules stacked on ``ctx``'s device: seeds, idx [s, T, B], weight [s, T, B],
-    denom [s, T] (float, like θ) and η_t [T]."""
+    denom [s, T] (float, like θ) and η_t [T]. The batch-order seeds (augmentation) come from
+    :func:`replay_inputs`."""
     seeds = [ctx.seeds[i] for i in seed_ids]
     dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
     schedules = [build_schedule(ctx.task.name, ctx.n_train, ctx.scale.train, s, None, Coupling.MASKED) for s in seeds]
@@ -67,13 +68,25 @@ def replay_schedules(ctx: RemovalContext, seed_ids: list[int]
     return seeds, idx, weight, denom, learning_rates(ctx.scale.train, idx.shape[1]).tolist()
 
 
+def replay_inputs(ctx: RemovalContext, seeds: list[int], idx: Tensor, t: int) -> tuple[Tensor, Tensor]:
+    """Step t's training inputs and labels of the seeds' full runs, [s, B, ...] and [s, B], augmented
+    exactly as the engine augments them (``Task.augment`` keyed by each run's batch-order seed)."""
+    x, y = ctx.data.x_train[idx[:, t]], ctx.data.y_train[idx[:, t]]
+    if ctx.task.augments:
+        orders = torch.tensor([order_seed(ctx.task.name, s, None, Coupling.MASKED) for s in seeds],
+                              dtype=torch.long, device=x.device)
+        per_epoch = steps_per_epoch(ctx.n_train, ctx.scale.train.batch_size)
+        x = ctx.task.augment(x, idx[:, t], orders, t // per_epoch)
+    return x, y
+
+
 def sgd_update(task: Task, wd: float, beta: float) -> Callable[..., tuple[Tensor, Tensor]]:
     """The engine's weighted SGD step as a pure function of (θ, v, w): g = (1/B)Σ w_i∇ℓ_i + wd·θ,
     v' = βv + g, θ' = θ − ηv' (for jvp / vjp through one step of one model)."""
 
     def update(th: Tensor, v: Tensor, w: Tensor, x: Tensor, y: Tensor, dn: Tensor, lr: float
                ) -> tuple[Tensor, Tensor]:
-        g = grad(lambda p: (task.per_example_loss(p, x, y) * w).sum() / dn)(th) + wd * th
+        g = grad(lambda p: task.batch_loss(p, x, y, w, dn))(th) + wd * th
         v_new = beta * v + g
         return th - lr * v_new, v_new
 
@@ -93,7 +106,7 @@ class Unroll(Method):
 
     def tangents(self, ctx: RemovalContext, seed_ids: list[int]) -> tuple[Tensor, Tensor]:
         """Replays the seeds' training; returns θ_T [s, P] and r^θ_T [s, K, P]."""
-        task, data, cfg = ctx.task, ctx.data, ctx.scale.train
+        task, cfg = ctx.task, ctx.scale.train
         seeds, idx, weight, denom, lrs = replay_schedules(ctx, seed_ids)
         dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
         theta = initial_params(task, seeds, dtype, device)  # [s, P]
@@ -114,7 +127,7 @@ class Unroll(Method):
         per_seed = vmap(per_target, in_dims=(0, 0, 0, 0, 0, 0, None, 0, 0, 0))
         step = vmap(update, in_dims=(0, 0, 0, 0, 0, 0, None))
         for t in range(idx.shape[1]):
-            x, y = data.x_train[idx[:, t]], data.y_train[idx[:, t]]  # [s, B, ...], [s, B]
+            x, y = replay_inputs(ctx, seeds, idx, t)  # [s, B, ...], [s, B]
             dn = denom[:, t].clamp(min=1)
             # d w / d ε = −1 at the slots holding target k (w = 1 − ε there): [s, K, B]
             dw = -(idx[:, t].unsqueeze(1) == targets.view(1, -1, 1)).to(dtype) * weight[:, t].unsqueeze(1)
@@ -131,7 +144,7 @@ class Unroll(Method):
     def adjoint_effects(self, ctx: RemovalContext, seed_ids: list[int]) -> tuple[Tensor, Tensor]:
         """Replays the seeds' training storing (θ_t, v_t), then pulls the Q·M measurement gradients back;
         returns θ_T [s, P] and dm/dε_k [s, K, Q, M] (ε = 1 is the removal of target k)."""
-        task, data, cfg = ctx.task, ctx.data, ctx.scale.train
+        task, cfg = ctx.task, ctx.scale.train
         seeds, idx, weight, denom, lrs = replay_schedules(ctx, seed_ids)
         dtype, device = ctx.theta_full.dtype, ctx.theta_full.device
         wd, beta = cfg.weight_decay, cfg.momentum
@@ -151,7 +164,7 @@ class Unroll(Method):
         states = []
         for t in range(idx.shape[1]):
             states.append((theta, vel))
-            x, y = data.x_train[idx[:, t]], data.y_train[idx[:, t]]
+            x, y = replay_inputs(ctx, seeds, idx, t)
             theta, vel = step(theta, vel, weight[:, t], x, y, denom[:, t].clamp(min=1), lrs[t])
         g_m = torch.stack([measurement_grads(task, theta[i].clone(), ctx.x_query, ctx.y_query)
                            for i in range(len(seeds))])  # [s, Q, M, P]
@@ -161,7 +174,7 @@ class Unroll(Method):
         dm_dw = theta.new_zeros(len(seeds), n_q * n_m, ctx.n_train)  # dm/dw_n summed over steps
         for t in reversed(range(idx.shape[1])):
             th, v = states[t]
-            x, y = data.x_train[idx[:, t]], data.y_train[idx[:, t]]
+            x, y = replay_inputs(ctx, seeds, idx, t)
             lam_t, lam_v, lam_w = per_seed(th, v, weight[:, t], x, y, denom[:, t].clamp(min=1), lrs[t], lam_t, lam_v)
             slot = idx[:, t].unsqueeze(1).expand(-1, lam_w.shape[1], -1)  # [s, R, B]
             dm_dw.scatter_add_(2, slot, lam_w * weight[:, t].unsqueeze(1))  # a padded slot has w = 0

@@ -67,6 +67,7 @@ class Task(ABC):
     supports_masked: ClassVar[bool] = True  # False if the model uses unweighted batch statistics
     lds_scales: ClassVar[Mapping[str, LdsConfig]] = {}  # the LDS ground truth per scale name (group removal)
     experiment: ClassVar[str] = "attribution"  # "pruning": the task runs benchmark.pruning instead of LOO/LDS
+    augments: ClassVar[bool] = False  # True: ``augment`` transforms the training inputs
 
     def __init__(self, scale: TaskScale) -> None:
         self.scale = scale
@@ -87,15 +88,30 @@ class Task(ABC):
     def logits_batched(self, theta: Tensor, x: Tensor) -> Tensor:
         """Logits [n_models, B, C] for θ [n_models, P] and inputs x [n_models, B, ...]."""
 
-    def logits_grouped(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Logits [n, B, C] where models g·m … g·m+m−1 share inputs x[g]; x [G, B, ...], n = G·m.
+    def logits_grouped(self, params: dict[str, Tensor], x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Training-mode logits [n, B, C] where models g·m … g·m+m−1 share inputs x[g]; x [G, B, ...], n = G·m.
 
-        ``params`` maps each name to a contiguous [n, *shape] tensor. Default: repeat the inputs and
-        call ``logits_batched``; tasks override it to share work across a group.
+        ``params`` maps each name to a contiguous [n, *shape] tensor. ``weight [n, B]`` are the slots'
+        example weights w (0 for a masked or padded slot): a model with batch statistics (BatchNorm) must
+        weight them by w so that a masked example leaves them too; others ignore it. Default: repeat the
+        inputs and call ``logits_batched``; tasks override it to share work across a group.
         """
         n = next(iter(params.values())).shape[0]
         theta = torch.cat([p.reshape(n, -1) for p in params.values()], dim=1)
         return self.logits_batched(theta, x.repeat_interleave(n // x.shape[0], dim=0))
+
+    def augment(self, x: Tensor, idx: Tensor, order: Tensor, epoch: int) -> Tensor:
+        """Training inputs after data augmentation: x [G, B, ...] holding examples idx [G, B] of runs whose
+        batch-order seeds are order [G] (int64), at ``epoch``. Each example's augmentation must be a function
+        of (order seed, example index, epoch) alone, so removing an example leaves every other example's
+        augmentation unchanged. Default (``augments = False``): none."""
+        return x
+
+    def batch_loss(self, theta: Tensor, x: Tensor, y: Tensor, w: Tensor, denom: Tensor) -> Tensor:
+        """One model's training-mode batch loss (1/B_t)·Σ_i w_i·ℓ_i(θ) for θ [P], x [B, ...], y [B], w [B]
+        and B_t = ``denom`` (what the engine minimises; ``unroll`` differentiates it). Tasks with batch
+        statistics override it to weight them by w, as ``logits_grouped`` does."""
+        return (self.per_example_loss(theta, x, y) * w).sum() / denom
 
     @property
     def n_params(self) -> int:  # P

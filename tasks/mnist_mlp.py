@@ -130,8 +130,9 @@ class MnistMlp(Task):
         """
         return self._forward_t(self.unflatten(theta), x.transpose(1, 2), first=0)
 
-    def logits_grouped(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Logits [n, B, C] where models g·m … g·m+m−1 share inputs x[g], x [G, B, D], n = G·m.
+    def logits_grouped(self, params: dict[str, Tensor], x: Tensor, weight: Tensor | None = None) -> Tensor:
+        """Logits [n, B, C] where models g·m … g·m+m−1 share inputs x[g], x [G, B, D], n = G·m (no batch
+        statistics, so ``weight`` is unused).
 
         The first layer is one GEMM per group, [W_{g·m}; …; W_{g·m+m−1}] [m·H, D] @ x[g]ᵀ [D, B], whose
         output [G, m·H, B] is already the per-model hᵀ [n, H, B] (a view, no copy). Requires each weight

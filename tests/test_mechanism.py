@@ -37,7 +37,8 @@ EXACT_RTOL = 1e-9  # float64 identities (Gram vs explicit Jacobians, Woodbury vs
 
 
 def first_steps(sched: Schedule, n_steps: int) -> Schedule:
-    return Schedule(idx=sched.idx[:n_steps], weight=sched.weight[:n_steps], denom=sched.denom[:n_steps])
+    return Schedule(idx=sched.idx[:n_steps], weight=sched.weight[:n_steps], denom=sched.denom[:n_steps],
+                    order=sched.order)
 
 
 # ------------------------------------------------------------------------------ (i) downweighted truth
