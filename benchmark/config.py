@@ -186,6 +186,25 @@ class VitConfig:
 
 
 @dataclass(frozen=True)
+class ResNetConfig:
+    """ResNet-9 as in TRAK and kronfluence (conv-BN-ReLU blocks 64 → 128 (k5, s2) → residual(128) → 256 →
+    max-pool → residual(256) → 128 → adaptive max-pool → linear, logits × 0.2) with channels scaled by
+    ``width / 64``. Training-mode BatchNorm uses the batch's w-weighted statistics; evaluation-mode
+    BatchNorm uses the statistics, at θ, of ``bn_calibration`` fixed training images disjoint from the pool.
+    Augmentation: random crop after ``crop_pad`` pixels of black padding, and a horizontal flip."""
+
+    width: int = 64
+    bn_calibration: int = 256
+    crop_pad: int = 4
+    augment: bool = True
+
+    def __post_init__(self) -> None:
+        if self.width < 1 or self.bn_calibration < 2 or self.crop_pad < 0:
+            raise OptionError(f"ResNetConfig: width >= 1, bn_calibration >= 2 and crop_pad >= 0 required; got "
+                              f"{self.width}, {self.bn_calibration}, {self.crop_pad}")
+
+
+@dataclass(frozen=True)
 class PruningConfig:
     """The data-pruning experiment (d-TDA Fig. 6): S seeds trained on the pool, each example scored by the
     predicted change of the validation loss on its removal (``scorer``, a registered method), the arms
@@ -223,7 +242,7 @@ class TaskScale:
     """Everything a scale of a task fixes: data sizes, model, training and ground truth."""
 
     n_train: int  # N
-    model: ModelConfig | VitConfig
+    model: ModelConfig | VitConfig | ResNetConfig
     train: TrainConfig
     ground_truth: GroundTruthConfig
     query_pool: int = 1000  # queries are drawn from the first `query_pool` test examples

@@ -261,7 +261,10 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         from benchmark.mechanism import run_mechanism  # the d-TDA mechanism study (Fig. 3, Remark 2)
 
         start = time.perf_counter()
-        run_mechanism(opts.task, opts.scale, store, out_dir, opts.device, progress=opts.progress)
+        if task.mechanism_study:
+            run_mechanism(opts.task, opts.scale, store, out_dir, opts.device, progress=opts.progress)
+        else:
+            info["mechanism"] = {"skipped": task.mechanism_skip_reason}
         info["mechanism_s"] = time.perf_counter() - start
         start = time.perf_counter()
         segment_study(evaluations, store, opts, run_dir)
@@ -347,6 +350,11 @@ def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common:
         if name in REFERENCE_METHODS:
             delta, runtime, peak, minfo = reference_delta(name, gt), 0.0, float("nan"), {}
             variant, is_dist, config_hash = "reference", True, content_key(name)
+        elif (skip := skip_reason(opts.task, opts.scale, name)) is not None:
+            method_info[name] = {"skipped": skip}
+            rows.append({**common, "method": name, "variant": "skipped", "measurement": "all",
+                         "metric": ev.metric_name("skipped"), "regime": "skipped", "value": float("nan")})
+            continue
         else:
             method = METHODS.get(name)()
             if ev.name == "lds" and method.lds_skip_reason is not None:
@@ -378,6 +386,12 @@ def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common:
                      for key, value in minfo.items() if isinstance(value, (int, float))]
     write_curves_and_differences(gt, predictions, replicates, run_dir, ev.file_prefix, ev.metric_name)
     return predictions, rows
+
+
+def skip_reason(task_name: str, scale_name: str, method: str) -> str | None:
+    """Why ``method`` does not run on this task and scale (``Task.method_skips``), or None. A skipped method
+    gets a leaderboard row with regime ``skipped`` and its reason in ``run_info.json``: never silently absent."""
+    return TASKS.get(task_name).method_skips.get(scale_name, {}).get(method)
 
 
 def score_rows(gt: GroundTruth, delta: np.ndarray, is_dist: bool, base: dict, opts: RunOptions

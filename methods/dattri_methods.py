@@ -109,9 +109,10 @@ class DattriTrakConfig:
             raise OptionError(f"DattriTrakConfig.regularization must be >= 0 or None, got {self.regularization}")
 
 
-def _batched(x: Tensor) -> Tensor:
-    """dattri hands loss functions one example unbatched (vmap in_dims 0) or as a batch of one (in_dims 1)."""
-    return x.unsqueeze(0) if x.ndim == 1 else x
+def _batched(x: Tensor, example_ndim: int) -> Tensor:
+    """dattri hands loss functions one example unbatched (vmap in_dims 0) or as a batch of one (in_dims 1);
+    ``example_ndim`` is an example's own number of dimensions (1 for a vector, 3 for an image)."""
+    return x.unsqueeze(0) if x.ndim == example_ndim else x
 
 
 class _DattriMethod(Method):
@@ -126,6 +127,7 @@ class _DattriMethod(Method):
         self._x_train = ctx.data.x_train.detach().to("cpu", f64)
         self._y_train = ctx.data.y_train.cpu()
         self._targets = ctx.targets.cpu()
+        self._example_ndim = ctx.data.x_train.dim() - 1
         out, seconds = [], []
         bar = tqdm(range(ctx.n_seeds), desc=self.name, unit="seed", disable=not ctx.progress)
         for s in bar:
@@ -155,7 +157,7 @@ class _DattriMethod(Method):
         x = ctx.x_query.detach().to("cpu", dtype)
         y = ctx.y_query.cpu()
         j = torch.arange(2).repeat_interleave(len(y))
-        ds = TensorDataset(x.repeat(2, 1), y.repeat(2), j)
+        ds = TensorDataset(x.repeat(2, *([1] * (x.dim() - 1))), y.repeat(2), j)
         return DataLoader(ds, batch_size=2 * len(y), shuffle=False)
 
     @staticmethod
@@ -166,20 +168,21 @@ class _DattriMethod(Method):
 
     # dattri task -------------------------------------------------------------------------------------------
     @staticmethod
-    def attribution_task(model: nn.Module, checkpoints: list[dict[str, Tensor]], train_output: str = "loss") -> Any:
+    def attribution_task(model: nn.Module, checkpoints: list[dict[str, Tensor]], train_output: str = "loss",
+                         example_ndim: int = 1) -> Any:
         """An ``AttributionTask``: loss_func = mean cross-entropy (``train_output="loss"``) or the margin f
         (``"margin"``, TRAK's model output); target_func = m_{q,j} with j carried by the query batch."""
         from dattri.task import AttributionTask
 
         def loss_func(params: dict[str, Tensor], data: tuple[Tensor, ...]) -> Tensor:
-            x, y = _batched(data[0]), data[1].reshape(-1).long()
+            x, y = _batched(data[0], example_ndim), data[1].reshape(-1).long()
             logits = torch.func.functional_call(model, params, x.to(next(iter(params.values())).dtype))
             if train_output == "margin":
                 return margin_from_logits(logits, y).mean()
             return F.cross_entropy(logits, y)
 
         def target_func(params: dict[str, Tensor], data: tuple[Tensor, Tensor, Tensor]) -> Tensor:
-            x, y, j = _batched(data[0]), data[1].reshape(-1), data[2].reshape(-1)
+            x, y, j = _batched(data[0], example_ndim), data[1].reshape(-1), data[2].reshape(-1)
             logits = torch.func.functional_call(model, params, x)
             value = torch.where(j == 0, F.cross_entropy(logits, y, reduction="none"), margin_from_logits(logits, y))
             return value.mean()
@@ -217,7 +220,7 @@ class DattriIfCg(_DattriMethod):
         theta = ctx.theta_full[s].detach().to("cpu", torch.float64)
         lam = cfg.damping_scale * mean_ggn_eig(ctx, theta)
         model = self.seed_model(ctx, theta)
-        task = self.attribution_task(model, [model.state_dict()])
+        task = self.attribution_task(model, [model.state_dict()], example_ndim=self._example_ndim)
         attributor = IFAttributorCG(task=task, device="cpu", max_iter=cfg.max_iter, mode=cfg.mode,
                                     regularization=wd + lam)
         attributor.cache(self.full_train_loader())
@@ -242,7 +245,7 @@ class DattriIfDataInf(_DattriMethod):
                       for i in range(0, len(self._y_train), 256))
         lam = cfg.damping_scale * (sq_norm / len(self._y_train) / theta.numel() + wd)  # tr F / P = mean ‖g‖² / P
         model = ctx.task.module(theta)
-        task = self.attribution_task(model, [model.state_dict()])
+        task = self.attribution_task(model, [model.state_dict()], example_ndim=self._example_ndim)
         attributor = IFAttributorDataInf(task=task, device="cpu", regularization=wd + lam)
         attributor.cache(self.full_train_loader(torch.float32))
         scores = attributor.attribute(self.target_loader(torch.float32), self.query_loader(ctx, torch.float32))
@@ -265,7 +268,7 @@ class DattriTracIn(_DattriMethod):
         epochs = [n_epochs] if self.config.final_only else list(range(1, n_epochs + 1))
         model = self.seed_model(ctx, ckpts[-1])
         states = [self.seed_model(ctx, ckpts[e]).state_dict() for e in epochs]
-        task = self.attribution_task(model, states)
+        task = self.attribution_task(model, states, example_ndim=self._example_ndim)
         n_params = ckpts.shape[1]
         projector = {"proj_type": "identity", "proj_dim": n_params, "proj_max_batch_size": 32, "proj_seed": 0,
                      "device": "cpu"}  # exact gradients (dattri mutates its module-level defaults with these)
@@ -292,10 +295,11 @@ class DattriTrak(_DattriMethod):
         if reg is None:
             reg = n_train * ctx.scale.train.weight_decay / proj_dim
         model = self.seed_model(ctx, theta)
-        task = self.attribution_task(model, [model.state_dict()], train_output="margin")
+        task = self.attribution_task(model, [model.state_dict()], train_output="margin",
+                                     example_ndim=self._example_ndim)
 
         def correct_probability(params: dict[str, Tensor], data: tuple[Tensor, Tensor]) -> Tensor:
-            x, y = _batched(data[0]), data[1].reshape(-1)
+            x, y = _batched(data[0], self._example_ndim), data[1].reshape(-1)
             logits = torch.func.functional_call(model, params, x)
             return torch.softmax(logits, -1).gather(-1, y[:, None]).squeeze()
 

@@ -68,6 +68,10 @@ class Task(ABC):
     lds_scales: ClassVar[Mapping[str, LdsConfig]] = {}  # the LDS ground truth per scale name (group removal)
     experiment: ClassVar[str] = "attribution"  # "pruning": the task runs benchmark.pruning instead of LOO/LDS
     augments: ClassVar[bool] = False  # True: ``augment`` transforms the training inputs
+    # scale → method → why it is not run there (cost or applicability); the leaderboard says so
+    method_skips: ClassVar[Mapping[str, Mapping[str, str]]] = {}
+    mechanism_study: ClassVar[bool] = True  # run_all's ``mechanism`` evaluation applies to this task
+    mechanism_skip_reason: ClassVar[str] = ""
 
     def __init__(self, scale: TaskScale) -> None:
         self.scale = scale

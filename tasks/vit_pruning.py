@@ -42,18 +42,12 @@ from benchmark.config import (
     TaskScale,
     TrainConfig,
     VitConfig,
-    derive_seed,
 )
 from benchmark.data import (
-    CIFAR10_MEAN,
-    CIFAR10_OFFICIAL_SIZES,
-    CIFAR10_STD,
-    CIFAR10_UNAVAILABLE_TEST,
-    CIFAR10_UNAVAILABLE_TRAIN,
     load_cifar10,
-    select_official,
 )
 from benchmark.registry import register_task
+from tasks import cifar
 from tasks.base import Task, TaskData
 
 _UNUSED_GT = GroundTruthConfig(n_seeds=4, n_targets=1, n_queries=1)  # the pruning experiment has no LOO truth
@@ -146,40 +140,11 @@ class VitPruning(Task):
     def _arrays(self) -> dict[str, np.ndarray]:
         return load_cifar10()
 
-    def _pool_positions(self) -> np.ndarray:
-        a = self._arrays
-        return select_official(a["idx_train"], self.scale.n_train, derive_seed("cifar_pool", self.scale.data_seed)
-                               % 2**32, CIFAR10_OFFICIAL_SIZES[0], CIFAR10_UNAVAILABLE_TRAIN)
-
     def load_data(self) -> TaskData:
         """Training pool (by official index) and the first ``query_pool`` selectable official test images."""
-        a = self._arrays
-        pool = self._pool_positions()
-        n_test = min(self.scale.query_pool, CIFAR10_OFFICIAL_SIZES[1] - len(CIFAR10_UNAVAILABLE_TEST))
-        test = select_official(a["idx_test"], n_test, derive_seed("cifar_test", 0) % 2**32, CIFAR10_OFFICIAL_SIZES[1],
-                               CIFAR10_UNAVAILABLE_TEST)
-        return TaskData(x_train=preprocess(a["x_train"][pool]), y_train=_labels(a["y_train"][pool]),
-                        x_test=preprocess(a["x_test"][test]), y_test=_labels(a["y_test"][test]),
-                        train_index=torch.as_tensor(a["idx_train"][pool].astype(np.int64)))
+        return cifar.task_data(self._arrays, self.scale.n_train, self.scale.query_pool, self.scale.data_seed)
 
     def load_validation(self, n_val: int) -> tuple[Tensor, Tensor, Tensor]:
         """x_val [n_val, 3, H, W], y_val, official indices: a fixed part of the official training set, disjoint
         from the pool (drawn after it, excluding it) and from the test set."""
-        a = self._arrays
-        pool_official = a["idx_train"][self._pool_positions()]
-        val = select_official(a["idx_train"], n_val, derive_seed("cifar_val", self.scale.data_seed) % 2**32,
-                              CIFAR10_OFFICIAL_SIZES[0], CIFAR10_UNAVAILABLE_TRAIN, exclude=pool_official)
-        return (preprocess(a["x_train"][val]), _labels(a["y_train"][val]),
-                torch.as_tensor(a["idx_train"][val].astype(np.int64)))
-
-
-def preprocess(images: np.ndarray) -> Tensor:
-    """uint8 [n, H, W, 3] → float32 [n, 3, H, W], standardised per channel (CIFAR-10 mean and std)."""
-    x = torch.as_tensor(images, dtype=torch.float32).div_(255.0).permute(0, 3, 1, 2)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
-def _labels(y: np.ndarray) -> Tensor:
-    return torch.as_tensor(y.astype(np.int64))
+        return cifar.held_out(self._arrays, n_val, "cifar_val", self.scale.n_train, self.scale.data_seed)
