@@ -33,6 +33,7 @@ queries, the gold settings, dtype and device type.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -52,6 +53,7 @@ from methods.base import RemovalContext
 
 if TYPE_CHECKING:
     from benchmark.executors import Executor
+    from tasks.base import Task
 from methods.further_training import (
     PAIRED_COUPLINGS,
     FurtherTrainingRuns,
@@ -92,8 +94,11 @@ GOLD_CONFIGS: Mapping[str, GoldConfig] = {"smoke": GoldConfig(n_repeats=12, epoc
                                           "small": GoldConfig(), "paper": GoldConfig()}
 
 
-def gold_config_for(scale_name: str) -> GoldConfig:
-    return GOLD_CONFIGS.get(scale_name, GoldConfig())
+def gold_config_for(scale_name: str, task: Task | None = None) -> GoldConfig:
+    """The scale's defaults, with the task's ``gold_overrides[scale_name]`` (fields of GoldConfig) applied."""
+    base = GOLD_CONFIGS.get(scale_name, GoldConfig())
+    overrides = {} if task is None else dict(task.gold_overrides.get(scale_name, {}))
+    return dataclasses.replace(base, **overrides) if overrides else base
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         rows += loo_rows
         if opts.further_training_gold:
             start = time.perf_counter()
-            gold = build_gold_standard(ctx, store, gold_config_for(opts.scale), executor)
+            gold = build_gold_standard(ctx, store, gold_config_for(opts.scale, task), executor)
             scored = {name: delta for name, (delta, _) in predictions.items()}
             scored["oracle"] = gt.removed - gt.full[:, None]  # how the retraining truth itself agrees with the gold
             curves = further_training_curves(gold, scored)

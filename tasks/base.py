@@ -70,6 +70,8 @@ class Task(ABC):
     augments: ClassVar[bool] = False  # True: ``augment`` transforms the training inputs
     # scale → method → why it is not run there (cost or applicability); the leaderboard says so
     method_skips: ClassVar[Mapping[str, Mapping[str, str]]] = {}
+    # scale → GoldConfig fields overriding the further-training gold standard's per-scale defaults
+    gold_overrides: ClassVar[Mapping[str, Mapping[str, object]]] = {}
     mechanism_study: ClassVar[bool] = True  # run_all's ``mechanism`` evaluation applies to this task
     mechanism_skip_reason: ClassVar[str] = ""
 
