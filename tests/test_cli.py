@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("smoke")
-    code = run_all.main(["--scale", "smoke", "--quiet", "--device", "cpu", "--out", str(out / "results"),
-                         "--cache", str(out / "cache")])
+    code = run_all.main(["--scale", "smoke", "--tasks", "mnist_mlp,vit_pruning", "--quiet", "--device", "cpu",
+                         "--out", str(out / "results"), "--cache", str(out / "cache")])
     assert code == 0
     return out
 
@@ -89,7 +89,7 @@ def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--methods", "infleunce"], "unknown method 'infleunce'; allowed: datainf, dattri_if_cg"),
-    (["--tasks", "cifar"], "unknown task 'cifar'; allowed: mnist_mlp"),
+    (["--tasks", "cifar"], "unknown task 'cifar'; allowed: cifar_resnet, mnist_mlp"),
     (["--scale", "huge"], "--scale must be one of: smoke, small, paper"),
     (["--coupling", "paired"], "--coupling must be one of: masked, deleted, independent"),
     (["--seeds", "2"], "--seeds must be >= 4"),
