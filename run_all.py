@@ -163,7 +163,7 @@ def dry_run(opts: list[RunOptions], store: UnitStore) -> str:
         lds_cfg = lds_config_for(task, o.scale)
         if o.lds_seeds is not None:
             lds_cfg = dataclasses.replace(lds_cfg, n_seeds=o.lds_seeds)
-        rows += plan_rows(task, data, scale, o.scale, o.evaluations, lds_cfg, store, executor, o.device)
+        rows += plan_rows(task, data, scale, o.scale, o.evaluations, lds_cfg, store, executor, o.device, o.methods)
     return format_plan(rows, executor, opts[0].device)
 
 

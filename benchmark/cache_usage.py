@@ -9,7 +9,7 @@ code can request:
   ``--seeds``/``--coupling`` overrides stay in use);
 - mechanism-study units (which train at their own learning rates and lengths) carry the current
   ``MECHANISM_VERSION`` instead of a matching scale;
-- method predictions name a registered method.
+- method predictions name a registered method and are per-seed-chunk work units (``benchmark.method_units``).
 
 Anything else (an older version, a removed task or method, a scale whose settings changed) no current
 configuration can ask for, and ``gc`` removes it.
@@ -63,4 +63,6 @@ def unit_use(config: dict[str, Any] | None) -> tuple[bool, str]:
     method = config.get("method")
     if config.get("kind") == "prediction" and method not in METHODS.names():
         return False, f"method {method!r} is no longer registered"
+    if config.get("kind") == "prediction" and "sources" not in config:
+        return False, "an all-seed prediction from before method work units (benchmark.method_units)"
     return True, ""

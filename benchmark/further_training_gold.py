@@ -197,7 +197,7 @@ def build_gold_standard(ctx: RemovalContext, store: UnitStore, cfg: GoldConfig,
         tags = {"task": ctx.task.name, "seeds": [ctx.seeds[seed_ids[0]], ctx.seeds[seed_ids[-1]]]}
         units.append(WorkUnit(key, config, job, "further_training_gold", tags, executor.threads,
                               runs=len(seed_ids) * runs.n_repeats * (1 + len(ctx.targets))))
-    cat, keys = load_or_train_units(store, units, executor, desc=f"further-training gold {ctx.task.name}",
+    cat, keys, _ = load_or_train_units(store, units, executor, desc=f"further-training gold {ctx.task.name}",
                                     progress=ctx.progress)
     lr = further_training_config(ctx.scale.train, cfg.epochs, cfg.lr_factor).lr
     return GoldStandard(diff=cat["diff"].double().numpy(), valid=cat["valid"].bool().numpy(),

@@ -55,6 +55,10 @@ class GroundTruth:
     diagnostics: dict[str, np.ndarray]
     n_failed: int
     key: str
+    # per seed, the stored ground-truth unit (key) and row its theta_full and checkpoints come from: method
+    # work units (benchmark.method_units) read their seeds' parameters from the store by these, never shipping
+    # arrays; empty for a ground truth built by hand
+    param_sources: tuple[tuple[str, int], ...] = ()
 
     @property
     def full(self) -> np.ndarray:  # [S, Q, M]
@@ -74,7 +78,7 @@ class GroundTruth:
             self, measurements=self.measurements[:n_seeds], seeds=self.seeds[:n_seeds],
             theta_full=self.theta_full[:n_seeds], checkpoints=self.checkpoints[:n_seeds],
             diagnostics={k: v[:n_seeds] for k, v in self.diagnostics.items()},
-            key=content_key(self.key, "first_seeds", n_seeds))
+            key=content_key(self.key, "first_seeds", n_seeds), param_sources=self.param_sources[:n_seeds])
 
     def export(self, path: Path) -> None:
         """Write the raw arrays as ``ground_truth.npz`` (documented in the README)."""
@@ -212,9 +216,10 @@ def full_run_diagnostics(task: Task, data: TaskData, scale: TaskScale, theta: Te
 
 
 def load_or_train_units(store: UnitStore, units: list[WorkUnit], executor: Executor | None, desc: str,
-                        progress: bool) -> tuple[dict[str, Tensor], list[str]]:
+                        progress: bool) -> tuple[dict[str, Tensor], list[str], list[tuple[str, int]]]:
     """Every unit from the store, the missing ones first computed by ``executor`` (default: local, this
-    process's threads); concatenated along seeds, in the order of ``units``."""
+    process's threads); concatenated along seeds, in the order of ``units``. Also returns the unit keys and,
+    per concatenated row, its (unit key, row within the unit)."""
     (executor or make_executor()).run(store, units, desc=desc, progress=progress)
     parts = []
     for unit in units:
@@ -225,12 +230,16 @@ def load_or_train_units(store: UnitStore, units: list[WorkUnit], executor: Execu
         if tensors is None:
             raise RuntimeError(f"work unit {unit.key[:12]} ({unit.kind}) could not be computed into {store.root}")
         parts.append(tensors)
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, [u.key for u in units]
+    first = next(iter(parts[0]))
+    rows = [(unit.key, i) for unit, part in zip(units, parts) for i in range(part[first].shape[0])]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}, [u.key for u in units], rows
 
 
 def assemble_ground_truth(cat: dict[str, Tensor], seeds: list[int], seed_arr: np.ndarray, task: Task,
-                          coupling: Coupling, targets: np.ndarray, queries: np.ndarray, key: str) -> GroundTruth:
-    """A :class:`GroundTruth` from concatenated unit arrays; a seed with any diverged run is dropped whole."""
+                          coupling: Coupling, targets: np.ndarray, queries: np.ndarray, key: str,
+                          rows: list[tuple[str, int]] | None = None) -> GroundTruth:
+    """A :class:`GroundTruth` from concatenated unit arrays (``rows``: each row's unit key and row, from
+    :func:`load_or_train_units`); a seed with any diverged run is dropped whole."""
     failed_seed = cat["failed"].any(1).numpy()
     if failed_seed.any():
         warnings.warn(f"{int(failed_seed.sum())} seed(s) diverged (NaN/inf) and are dropped: "
@@ -244,6 +253,7 @@ def assemble_ground_truth(cat: dict[str, Tensor], seeds: list[int], seed_arr: np
         checkpoints=cat["checkpoints"][torch.as_tensor(keep)],
         diagnostics={k: cat[k].double().numpy()[keep] for k in ("train_acc", "test_acc", "grad_norm")},
         n_failed=int(failed_seed.sum()), key=key,
+        param_sources=tuple(r for r, k in zip(rows or (), keep) if k),
     )
 
 
@@ -280,10 +290,11 @@ def build_loo_ground_truth(task: Task, data: TaskData, scale: TaskScale, store: 
     executor = executor or make_executor()
     register_loaded(task, data)
     units = loo_units(task, data, scale, device, targets, queries, seeds, executor.threads, tags)
-    cat, keys = load_or_train_units(store, units, executor, desc=f"ground truth {task.name}", progress=progress)
+    cat, keys, rows = load_or_train_units(store, units, executor, desc=f"ground truth {task.name}",
+                                          progress=progress)
     seed_arr = np.asarray(seeds)
     if cfg.coupling is Coupling.INDEPENDENT:
         seed_arr = np.array([[s] + [init_seed(task.name, s, int(k), cfg.coupling) for k in targets] for s in seeds],
                             dtype=np.int64)  # [S, 1+K]: the full run's seed, then each removal run's init seed
     return assemble_ground_truth(cat, seeds, seed_arr, task, cfg.coupling, targets.numpy(), queries.numpy(),
-                                 content_key(*key_parts, keys))
+                                 content_key(*key_parts, keys), rows)

@@ -7,8 +7,8 @@ gold standard, ``benchmark.further_training_gold``). With the ``lds`` evaluation
 ``lds_ground_truth.npz``, ``predictions/lds_<method>.npz`` (``delta [R, M, Q, M_meas]``: each subset's
 group prediction, the sum of the method's per-example effects over the removed examples),
 ``lds_score_vs_seeds.csv`` and ``lds_paired_differences.csv``; its leaderboard rows carry ``lds_*`` metrics.
-Method predictions are cached in the unit store keyed by method, config and the ground truth's key, so a
-rerun only computes what changed.
+Method predictions are work units (``benchmark.method_units``: one per chunk of the ground truth's seeds, run by
+the same executor as the training), cached in the unit store, so a rerun only computes what changed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import json
 import os
 import platform
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,9 +30,9 @@ import pandas as pd
 import torch
 
 from benchmark import __version__
-from benchmark.config import CACHE_VERSION, Coupling, TaskScale
+from benchmark.config import Coupling, TaskScale
 from benchmark.engine import build_schedule, configure_determinism, initial_params, train_models
-from benchmark.executors import ExecutorSpec, make_executor
+from benchmark.executors import Executor, ExecutorSpec, make_executor
 from benchmark.further_training_gold import (
     SPLIT_HALF,
     build_gold_standard,
@@ -45,6 +44,7 @@ from benchmark.further_training_gold import (
 from benchmark.ground_truth import GroundTruth, build_ground_truth
 from benchmark.lds import build_lds_ground_truth, group_predictions, lds_config_for, lds_metric_name
 from benchmark.leaderboard import seed_ranges
+from benchmark.method_units import predict_in_units
 from benchmark.registry import METHODS, TASKS
 from benchmark.scores import paired_difference_ci, score_method, score_vs_seeds
 from benchmark.store import UnitStore, atomic_write_bytes, atomic_write_text, content_key
@@ -72,40 +72,6 @@ class RunOptions:
     evaluations: tuple[str, ...] = ("loo", "lds", "mechanism")  # subset of EVALUATIONS
     lds_seeds: int | None = None  # None: the task's LDS setting for the scale
     executor: ExecutorSpec = field(default_factory=ExecutorSpec)  # who computes the ground truth's work units
-
-
-class PeakRss:
-    """Samples this process's resident set size (Linux /proc) while a block runs; ``peak_mb`` after."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval, self.peak_mb, self._stop = interval, float("nan"), threading.Event()
-
-    @staticmethod
-    def current_mb() -> float:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak_mb = np.nanmax([self.peak_mb, self.current_mb()])
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> PeakRss:
-        self.peak_mb = self.current_mb()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak_mb = float(np.nanmax([self.peak_mb, self.current_mb()]))
 
 
 def git_commit() -> str:
@@ -147,25 +113,11 @@ def reference_delta(name: str, gt: GroundTruth) -> np.ndarray:
     return rng.standard_normal(true.shape) * sigma
 
 
-def run_method(method: Method, ctx: RemovalContext, gt: GroundTruth, store: UnitStore
-               ) -> tuple[np.ndarray, float, float, dict]:
-    """Predictions [S, K, Q, M], runtime (s), peak RSS (MB) and info; cached in the store."""
-    config = {"version": CACHE_VERSION, "kind": "prediction", "method": method.name,
-              "config": method.config_dict(), "ground_truth": gt.key, "dtype": str(ctx.theta_full.dtype)}
-    key = content_key(config)
-    cached = store.get(key, config)
-    if cached is not None:
-        info = json.loads(bytes(cached["info_json"].tolist()).decode())
-        return cached["delta"].double().numpy(), float(cached["runtime_s"]), float(cached["peak_rss_mb"]), info
-    with PeakRss() as rss:
-        start = time.perf_counter()
-        delta = method.predict(ctx).detach().cpu()
-        runtime = time.perf_counter() - start
-    info = dict(method.info)
-    tensors = {"delta": delta, "runtime_s": torch.tensor(runtime), "peak_rss_mb": torch.tensor(rss.peak_mb),
-               "info_json": torch.tensor(list(json.dumps(info).encode()), dtype=torch.uint8)}
-    store.put(key, config, tensors, kind="prediction", tags={"method": method.name, "gt": gt.key[:8]})
-    return delta.double().numpy(), runtime, rss.peak_mb, info
+def run_method(method: Method, ctx: RemovalContext, gt: GroundTruth, store: UnitStore,
+               executor: Executor | None = None) -> tuple[np.ndarray, float, float, dict]:
+    """Predictions [S, K, Q, M], runtime (s), peak RSS (MB) and info: the method's per-seed work units
+    (``benchmark.method_units``) computed by ``executor`` (default local) into the store, or loaded from it."""
+    return predict_in_units(method, ctx, gt, store, executor)
 
 
 def save_npz(path: Path, **arrays: Any) -> None:
@@ -224,7 +176,8 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         gt.export(run_dir / "ground_truth.npz")
         ctx = make_context(task, data, scale, gt, torch.as_tensor(gt.targets), opts)
         loo = Evaluation("loo", gt, ctx, to_columns=lambda d: d, metric_name=lambda m: m, file_prefix="")
-        predictions, loo_rows = evaluate_methods(loo, opts, store, common, train_one, info["methods"], run_dir)
+        predictions, loo_rows = evaluate_methods(loo, opts, store, common, train_one, info["methods"], run_dir,
+                                                 executor)
         rows += loo_rows
         if opts.further_training_gold:
             start = time.perf_counter()
@@ -253,7 +206,8 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
         info["lds"] = {"n_subsets": lds_cfg.n_subsets, "alpha": lds_cfg.alpha, "n_seeds": lds.gt.measurements.shape[0],
                        "coupling": lds_cfg.coupling.value, "removed_per_subset": float(removed.sum(1).mean()),
                        "methods": {}}
-        _, lds_rows = evaluate_methods(evaluation, opts, store, common, train_one, info["lds"]["methods"], run_dir)
+        _, lds_rows = evaluate_methods(evaluation, opts, store, common, train_one, info["lds"]["methods"], run_dir,
+                                       executor)
         rows += lds_rows
         info["lds"]["wall_s"] = time.perf_counter() - start
         evaluations.append(evaluation)
@@ -267,7 +221,10 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
             info["mechanism"] = {"skipped": task.mechanism_skip_reason}
         info["mechanism_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        segment_study(evaluations, store, opts, run_dir)
+        if (source_skip := skip_reason(opts.task, opts.scale, "source")) is None:
+            segment_study(evaluations, store, opts, run_dir, executor)
+        else:  # the segment study is SOURCE run 4 times: skipped where SOURCE itself is
+            info["source_segments"] = {"skipped": source_skip}
         info["source_segments_s"] = time.perf_counter() - start
     atomic_write_text(run_dir / "run_info.json", json.dumps(info, indent=2, default=float))
     return rows
@@ -296,7 +253,8 @@ def gold_rows(curves: pd.DataFrame, method_rows: list[dict]) -> list[dict]:
 SOURCE_SEGMENTS = (1, 2, 3, 5)
 
 
-def segment_study(evaluations: list[Evaluation], store: UnitStore, opts: RunOptions, run_dir: Path) -> None:
+def segment_study(evaluations: list[Evaluation], store: UnitStore, opts: RunOptions, run_dir: Path,
+                  executor: Executor | None = None) -> None:
     """SOURCE with L ∈ ``SOURCE_SEGMENTS`` segments (capped at the number of epochs, one checkpoint per epoch)
     on every evaluation: the primary score per L with CI and ceiling, and the paired bootstrap difference to
     the next smaller L (Bae et al.: more segments should never hurt). Writes ``source_segments.csv``."""
@@ -308,7 +266,7 @@ def segment_study(evaluations: list[Evaluation], store: UnitStore, opts: RunOpti
         previous: dict[str, np.ndarray] = {}
         for n_seg in [n for n in SOURCE_SEGMENTS if n <= epochs]:
             method = Source(SourceConfig(n_segments=n_seg))
-            per_example, runtime, _, _ = run_method(method, ev.ctx, ev.gt, store)
+            per_example, runtime, _, _ = run_method(method, ev.ctx, ev.gt, store, executor)
             delta = ev.to_columns(per_example)
             for j, meas in enumerate(ev.gt.measurement_names):
                 res = {r.metric: r for r in score_method(ev.gt.full[..., j], ev.gt.removed[..., j], delta[..., j],
@@ -335,7 +293,8 @@ def make_context(task: Task, data: Any, scale: TaskScale, gt: GroundTruth, targe
 
 
 def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common: dict, train_one: float,
-                     method_info: dict, run_dir: Path) -> tuple[dict[str, tuple[np.ndarray, bool]], list[dict]]:
+                     method_info: dict, run_dir: Path, executor: Executor | None = None
+                     ) -> tuple[dict[str, tuple[np.ndarray, bool]], list[dict]]:
     """Run every method (cached) and the reference rows on one evaluation; score, write the predictions
     (``predictions/<prefix><method>.npz``), curves and paired differences; return predictions and rows."""
     gt = ev.gt
@@ -365,7 +324,7 @@ def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common:
                 print(f"[{opts.task}/{opts.scale}/{ev.name}] method {name} ({n_used} seeds) …", flush=True)
             method_gt = gt if n_used == n_all else gt.subset(n_used)
             method_ctx = ev.ctx if n_used == n_all else ev.ctx.subset(n_used)
-            per_example, runtime, peak, minfo = run_method(method, method_ctx, method_gt, store)
+            per_example, runtime, peak, minfo = run_method(method, method_ctx, method_gt, store, executor)
             delta = ev.to_columns(per_example)
             variant, is_dist = method.variant(), method.is_distributional
             config_hash = content_key(name, method.config_dict(), gt.key)

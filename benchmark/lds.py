@@ -146,14 +146,15 @@ def build_lds_ground_truth(task: Task, data: TaskData, scale: TaskScale, cfg: Ld
     executor = executor or make_executor()
     register_loaded(task, data)
     units, keep, queries, labels = lds_units(task, data, scale, cfg, device, executor.threads)
-    cat, keys = load_or_train_units(store, units, executor, desc=f"LDS ground truth {task.name}", progress=progress)
+    cat, keys, rows = load_or_train_units(store, units, executor, desc=f"LDS ground truth {task.name}",
+                                          progress=progress)
     seeds = cfg.seeds
     seed_arr = np.asarray(seeds)
     if cfg.coupling is Coupling.INDEPENDENT:
         seed_arr = np.array([[s] + [init_seed(task.name, s, lab, cfg.coupling) for lab in labels[1:]] for s in seeds],
                             dtype=np.int64)
     gt = assemble_ground_truth(cat, seeds, seed_arr, task, cfg.coupling, np.arange(cfg.n_subsets),
-                               queries.numpy(), content_key("lds", keys))
+                               queries.numpy(), content_key("lds", keys), rows)
     return LdsGroundTruth(gt=gt, keep=keep, config=cfg)
 
 

@@ -94,8 +94,17 @@ class Regression:
                 f"− tol = {self.threshold:.4f}")
 
 
+# Scores are compared clipped from below at this floor. Correlations cannot go lower; for the unbounded
+# ``distribution_skill`` −1 already means "predicted laws at least twice as far from the truth as predicting no
+# change", and below it the value is ill-conditioned: a ratio whose denominator (the truth's own distance from
+# no change) is near the noise floor at smoke scale, so float32 rounding on another CPU moved dattri_if_cg's
+# loss skill from −116 to −336 with bit-identical code. A fall from above the floor to it is still caught.
+SCORE_FLOOR = -1.0
+
+
 def check_regression(current: pd.DataFrame, baseline_path: Path, tol: float = 0.05) -> list[Regression]:
-    """Rows of ``current`` whose higher-is-better score fell below ``min(baseline ci_low, baseline value) − tol``.
+    """Rows of ``current`` whose higher-is-better score fell below ``min(baseline ci_low, baseline value) − tol``,
+    every score clipped from below at :data:`SCORE_FLOOR` first.
 
     A baseline row with no matching current row is a regression too (a method or metric disappeared).
     """
@@ -109,8 +118,8 @@ def check_regression(current: pd.DataFrame, baseline_path: Path, tol: float = 0.
         key = tuple(row[c] for c in KEY_COLUMNS)
         # a heavy-tailed bootstrap (e.g. distribution_skill at few seeds) can put ci_low above the point
         # estimate; the baseline's own value is never a regression
-        threshold = min(float(row["ci_low"]), float(row["value"])) - tol
+        threshold = max(min(float(row["ci_low"]), float(row["value"])), SCORE_FLOOR) - tol
         value = cur.get(key, np.nan)
-        if not np.isfinite(value) or value < threshold:
+        if not np.isfinite(value) or max(value, SCORE_FLOOR) < threshold:
             out.append(Regression(key, float(value), float(row["ci_low"]), threshold))
     return out

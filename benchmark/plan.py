@@ -10,8 +10,9 @@ up to 1,024 models, so this errs on the slow side):
 
 with ``parallel`` the executor's concurrency (process workers; SLURM array parallelism or Ray workers, each
 capped by the number of units). It is an estimate at this device's speed, not a promise. Work that runs
-after the ground truth in the harness (methods, the further-training gold standard, the mechanism study)
-is not distributed and not estimated here. A pruning task plans its full runs and arms (``eval`` ``prune``);
+(methods, the further-training gold standard, the mechanism study) is not estimated; the methods' own work
+units (``benchmark.method_units``: one per method and chunk of the ground truth's seeds) are counted, with
+how many are cached, on a ``<eval>:methods`` row. A pruning task plans its full runs and arms (``eval`` ``prune``);
 before its scores are cached, the arms are placeholders counted as uncached.
 """
 
@@ -97,8 +98,10 @@ def parallelism(executor: Executor, n_units: int) -> int:
 
 
 def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, evaluations: tuple[str, ...],
-              lds_cfg: object, store: UnitStore, executor: Executor, device: torch.device) -> list[PlanRow]:
-    """One :class:`PlanRow` per ground-truth evaluation (``loo``, ``lds``) of one task at one scale."""
+              lds_cfg: object, store: UnitStore, executor: Executor, device: torch.device,
+              methods: tuple[str, ...] = ()) -> list[PlanRow]:
+    """One :class:`PlanRow` per ground-truth evaluation (``loo``, ``lds``) of one task at one scale, and one
+    ``<eval>:methods`` row counting the method work units of ``methods`` on it."""
     from benchmark.lds import lds_units  # lds imports ground_truth; keep the import graph one-way
 
     register_loaded(task, data)
@@ -106,12 +109,20 @@ def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, eva
     if task.experiment == "pruning":
         groups.append(("prune", pruning_units(task, data, scale, scale_name, store, executor)))
         evaluations = ()
+    method_groups: list[tuple[str, list[WorkUnit]]] = []
     if "loo" in evaluations:
         targets, queries = select_targets_and_queries(data, scale.ground_truth, task.name)
-        groups.append(("loo", loo_units(task, data, scale, device, targets, queries, scale.ground_truth.seeds,
-                                        executor.threads)))
+        units = loo_units(task, data, scale, device, targets, queries, scale.ground_truth.seeds, executor.threads)
+        groups.append(("loo", units))
+        method_groups.append(("loo:methods", planned_method_units(
+            task, data, scale, scale_name, units, targets, queries, scale.ground_truth.coupling, methods, "loo",
+            store, executor)))
     if "lds" in evaluations:
-        groups.append(("lds", lds_units(task, data, scale, lds_cfg, device, executor.threads)[0]))
+        units, _, queries, _ = lds_units(task, data, scale, lds_cfg, device, executor.threads)
+        groups.append(("lds", units))
+        method_groups.append(("lds:methods", planned_method_units(
+            task, data, scale, scale_name, units, torch.arange(data.n_train), queries, lds_cfg.coupling,  # type: ignore[attr-defined]
+            methods, "lds", store, executor)))
     if not groups:
         return []
     per_epoch = seconds_per_model_epoch(task, data, scale, executor.threads)
@@ -122,7 +133,38 @@ def plan_rows(task: Task, data: TaskData, scale: TaskScale, scale_name: str, eva
         minutes = runs * scale.train.epochs * per_epoch / parallelism(executor, len(missing) or 1) / 60
         rows.append(PlanRow(task.name, scale_name, name, len(units), len(units) - len(missing),
                             sum(u.runs for u in units), runs, scale.train.epochs, minutes))
+    for name, units in method_groups:
+        if units:
+            cached = sum(store.has(u.key) for u in units)
+            rows.append(PlanRow(task.name, scale_name, name, len(units), cached, 0, 0, scale.train.epochs,
+                                float("nan")))
     return rows
+
+
+def planned_method_units(task: Task, data: TaskData, scale: TaskScale, scale_name: str, gt_units: list[WorkUnit],
+                         targets: torch.Tensor, queries: torch.Tensor, coupling: Coupling, methods: tuple[str, ...],
+                         evaluation: str, store: UnitStore, executor: Executor) -> list[WorkUnit]:
+    """The method work units the harness will hand the executor after this ground truth (assuming no seed
+    diverges): their keys name the ground-truth units' rows, so they are known before any training."""
+    from types import SimpleNamespace
+
+    from benchmark.method_units import method_units
+    from benchmark.registry import METHODS
+    from methods.base import RemovalContext
+
+    seeds = [s for u in gt_units for s in u.job.seeds]  # type: ignore[attr-defined]
+    sources = tuple((u.key, i) for u in gt_units for i in range(len(u.job.seeds)))  # type: ignore[attr-defined]
+    out: list[WorkUnit] = []
+    for name in methods:
+        method = METHODS.get(name)()
+        if task.method_skips.get(scale_name, {}).get(name) or (evaluation == "lds" and method.lds_skip_reason):
+            continue
+        n = method.seeds_used(len(seeds))
+        ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=torch.empty(n, 0), seeds=seeds[:n],
+                             targets=targets, queries=queries, coupling=coupling)
+        gt = SimpleNamespace(param_sources=sources[:n], key="")
+        out += method_units(method, ctx, gt, store, executor.threads)
+    return out
 
 
 def pruning_units(task: Task, data: TaskData, scale: TaskScale, scale_name: str, store: UnitStore,
@@ -152,15 +194,17 @@ def pruning_units(task: Task, data: TaskData, scale: TaskScale, scale_name: str,
 
 def format_plan(rows: list[PlanRow], executor: Executor, device: torch.device) -> str:
     """The plan as a fixed-width table with a total line."""
-    head = f"{'task':<14}{'scale':<7}{'eval':<5}{'units':>7}{'cached':>8}{'runs':>10}{'to train':>10}" \
+    head = f"{'task':<14}{'scale':<7}{'eval':<12}{'units':>7}{'cached':>8}{'runs':>10}{'to train':>10}" \
            f"{'epochs':>8}{'est. min':>10}"
     lines = [f"plan on {device} with executor {executor.describe()}", head]
     for r in rows:
-        lines.append(f"{r.task:<14}{r.scale:<7}{r.evaluation:<5}{r.units:>7}{r.cached:>8}{r.runs_total:>10}"
-                     f"{r.runs_to_train:>10}{r.epochs:>8}{r.est_minutes:>10.1f}")
+        minutes = "n/a" if r.est_minutes != r.est_minutes else f"{r.est_minutes:.1f}"
+        lines.append(f"{r.task:<14}{r.scale:<7}{r.evaluation:<12}{r.units:>7}{r.cached:>8}{r.runs_total:>10}"
+                     f"{r.runs_to_train:>10}{r.epochs:>8}{minutes:>10}")
     lines.append(f"total: {sum(r.units for r in rows)} unit(s), {sum(r.cached for r in rows)} cached, "
                  f"{sum(r.runs_to_train for r in rows)} training run(s) to do, ≈ "
-                 f"{sum(r.est_minutes for r in rows):.1f} min of training (estimated from a short calibration "
-                 "on this device); methods, the gold standard and the mechanism study run afterwards and are "
-                 "not estimated")
+                 f"{sum(r.est_minutes for r in rows if r.est_minutes == r.est_minutes):.1f} min of training "
+                 "(estimated from a short calibration on this device); the methods' units (counted on the "
+                 "':methods' rows), the gold standard and the mechanism study run afterwards and are not "
+                 "estimated")
     return "\n".join(lines)

@@ -66,10 +66,11 @@ class RemovalContext:
             raise ValueError(f"method {method!r} needs the training checkpoints (RemovalContext.checkpoints)")
         return self.checkpoints
 
-    def subset(self, n_seeds: int) -> RemovalContext:
-        """The same context restricted to the first ``n_seeds`` seeds."""
-        ckpt = None if self.checkpoints is None else self.checkpoints[:n_seeds]
-        return dataclasses.replace(self, theta_full=self.theta_full[:n_seeds], seeds=self.seeds[:n_seeds],
+    def subset(self, n_seeds: int, start: int = 0) -> RemovalContext:
+        """The same context restricted to the seeds ``start … start + n_seeds − 1`` (default: the first ones)."""
+        stop = start + n_seeds
+        ckpt = None if self.checkpoints is None else self.checkpoints[start:stop]
+        return dataclasses.replace(self, theta_full=self.theta_full[start:stop], seeds=self.seeds[start:stop],
                                    checkpoints=ckpt)
 
     @property
@@ -94,6 +95,10 @@ class Method(ABC):
     # LDS needs Δm for every training example (K = N); a method too costly for that says why here and the
     # harness lists it as not run in the report instead of scoring it
     lds_skip_reason: ClassVar[str | None] = None
+    # True: seed s's prediction depends on seed s's run only, so the harness may predict for chunks of seeds
+    # as separate work units (``benchmark.method_units``) and concatenate them; False for a method that pools
+    # seeds (e.g. an ensemble), which then runs as one unit. tests/test_method_units.py checks every method.
+    seed_separable: ClassVar[bool] = True
 
     def __init__(self, config: Any = None) -> None:
         self.config = config if config is not None else self.config_cls()

@@ -166,6 +166,7 @@ class TrakEnsemble(Trak):
     """TRAK's ensemble over the seeds' models: one mean prediction, repeated for every seed."""
 
     is_distributional = False
+    seed_separable = False  # one score pooled over all seeds: a single work unit
 
     def predict(self, ctx: RemovalContext) -> Tensor:
         scores, qk, qq, lambdas = [], [], [], []

@@ -24,7 +24,9 @@ seed, the example's pool index, epoch): removing an example changes no other exa
 
 Scales (``small`` sized for a 2-core CPU; see README "cifar_resnet"):
 - ``smoke``: N = 128, width 4, 2 epochs — CI seconds;
-- ``small`` (default): N = 1,000, width 16, batch 100, 10 epochs, lr 0.4 triangular (peak at 1/5);
+- ``small`` (default): N = 500, width 8, batch 50, 8 epochs, lr 0.4 triangular (peak at 1/5) — ≈ 5 s per
+  training here; its main ground truth is group removal (LDS: 20 random 50 % subsets × 4 seeds), with the
+  single-example LOO rows (4 seeds × 8 targets) and their ceilings beside it;
 - ``paper``: SOURCE's setting — the 3,072-example subset, width 64, batch 512, 25 epochs, 50 seeds.
 """
 
@@ -54,10 +56,10 @@ SCALES = {
                           lr_schedule=LRSchedule.TRIANGULAR, peak_fraction=0.2),
         ground_truth=GroundTruthConfig(n_seeds=4, n_targets=4, n_queries=8, seeds_per_unit=4), query_pool=200),
     "small": TaskScale(
-        n_train=1000, model=ResNetConfig(width=8, bn_calibration=256),
-        train=TrainConfig(lr=0.4, momentum=0.9, weight_decay=1e-3, batch_size=100, epochs=8,
+        n_train=500, model=ResNetConfig(width=8, bn_calibration=256),
+        train=TrainConfig(lr=0.4, momentum=0.9, weight_decay=1e-3, batch_size=50, epochs=8,
                           lr_schedule=LRSchedule.TRIANGULAR, peak_fraction=0.2),
-        ground_truth=GroundTruthConfig(n_seeds=4, n_targets=6, n_queries=50, seeds_per_unit=1), query_pool=2000),
+        ground_truth=GroundTruthConfig(n_seeds=4, n_targets=8, n_queries=50, seeds_per_unit=1), query_pool=2000),
     "paper": TaskScale(
         n_train=3072, model=ResNetConfig(width=64, bn_calibration=512),
         train=TrainConfig(lr=0.4, momentum=0.9, weight_decay=1e-3, batch_size=512, epochs=25,
@@ -67,7 +69,7 @@ SCALES = {
 
 LDS_SCALES = {
     "smoke": LdsConfig(n_subsets=8, alpha=0.5, n_seeds=4, seeds_per_unit=4),
-    "small": LdsConfig(n_subsets=12, alpha=0.5, n_seeds=4, seeds_per_unit=1),
+    "small": LdsConfig(n_subsets=20, alpha=0.5, n_seeds=4, seeds_per_unit=1),
     "paper": LdsConfig(n_subsets=100, alpha=0.5, n_seeds=10, seeds_per_unit=2),
 }
 
@@ -83,13 +85,16 @@ METHOD_SKIPS = {
     "small": {"influence": _SLOW.format(method="exact-GGN CG influence", where="smoke", cost="35-45 s per seed"),
               "lissa": _SLOW.format(method="LiSSA", where="smoke", cost="60 s per seed"),
               "dattri_if_cg": _DATTRI_CG,
-              "further_training": "the further-training method (10 replicates × 7 runs × 4 seeds ≈ 5.6 min here) "
+              "further_training": "the further-training method (10 replicates × 9 runs × 4 seeds of one epoch, "
+                                  "≈ 3 min here at N = 500; 5.6 min measured at N = 1,000) "
                                   "would take a quarter of small's 25-minute budget; the further-training gold "
                                   "standard still runs (4 replicates, 1 epoch)",
-              "unroll": "forward-mode unroll (6 tangents × 4 seeds × 80 steps through double backward of conv and "
-                        "BatchNorm) had not finished after 7 minutes here; it runs at smoke and on a GPU",
-              "source": "SOURCE with per-segment EK-FAC took 80 s per seed here (5.3 min for the 4 seeds), over "
-                        "small's budget; it runs at smoke and on a GPU"},
+              "unroll": "forward-mode unroll (one tangent per target × 4 seeds × 80 steps through double backward "
+                        "of conv and BatchNorm; 6 targets at N = 1,000 had not finished after 7 minutes here, and "
+                        "LDS needs all N) is over small's budget; it runs at smoke and on a GPU",
+              "source": "SOURCE with per-segment EK-FAC took 80 s per seed here at N = 1,000 (5.3 min for 4 seeds; "
+                        "twice that with LDS, and the segment study runs it 4 times more), over small's budget; "
+                        "it runs at smoke and on a GPU"},
     "paper": {"dattri_if_cg": _DATTRI_CG},
 }
 
@@ -189,7 +194,7 @@ class CifarResnet(Task):
     lds_scales = LDS_SCALES
     augments = True
     method_skips = METHOD_SKIPS
-    # small: 4 seeds × 4 replicates × 1 epoch × 7 runs ≈ 2 min here (the defaults, 8 × 20 × 3, ≈ 34 min)
+    # small: 4 seeds × 4 replicates × 1 epoch × 9 runs ≈ 1 min here (the defaults, 8 × 20 × 3, ≈ 20 min)
     gold_overrides = {"small": {"n_repeats": 4, "epochs": 1, "max_seeds": 4}}
     mechanism_study = False
     mechanism_skip_reason = ("the mechanism study's exact data GGN (benchmark.mechanism.DataGgn) is built for "

@@ -78,13 +78,38 @@ def test_check_passes_on_committed_baseline_and_fails_on_doctored(smoke: Path, t
 
 
 def test_check_cli_exit_code_on_doctored_baseline(smoke: Path, tmp_path: Path) -> None:
-    doctored = pd.read_csv(REPO / "results/baselines/smoke.csv")
+    """The CLI's exit status: 0 against the committed baseline's own rows for this run, 1 once one is doctored."""
+    base = pd.read_csv(REPO / "results/baselines/smoke.csv")
+    mine = base[(base.task == "mnist_mlp") & base.method.isin(["unroll", "influence"])
+                & base.metric.str.startswith("loo_")]
+    mine.to_csv(tmp_path / "clean.csv", index=False)
+    doctored = mine.copy()
     doctored.loc[doctored.metric == "loo_mean_pearson", ["value", "ci_low"]] = 2.0
     doctored.to_csv(tmp_path / "b.csv", index=False)
-    args = ["--scale", "smoke", "--quiet", "--no-report", "--device", "cpu", "--methods", "unroll,influence",
-            "--eval", "loo", "--out", str(tmp_path / "r"), "--cache", str(smoke / "cache"),
-            "--check", str(tmp_path / "b.csv")]
-    assert run_all.main(args) == 1
+    args = ["--scale", "smoke", "--tasks", "mnist_mlp", "--quiet", "--no-report", "--device", "cpu",
+            "--methods", "unroll,influence", "--eval", "loo", "--no-further-training-gold",
+            "--out", str(tmp_path / "r"), "--cache", str(smoke / "cache")]
+    assert run_all.main([*args, "--check", str(tmp_path / "clean.csv")]) == 0
+    assert run_all.main([*args, "--check", str(tmp_path / "b.csv")]) == 1
+
+
+def test_check_clips_scores_at_the_floor(tmp_path: Path) -> None:
+    """Below SCORE_FLOOR an unbounded skill is ill-conditioned (−116 on one CPU, −336 on another, same code):
+    not a regression. A fall from real skill to the floor still is (negative control)."""
+    from benchmark.leaderboard import KEY_COLUMNS, SCORE_FLOOR, check_regression
+
+    def frame(value: float, ci_low: float, method: str) -> pd.DataFrame:
+        row = dict.fromkeys(KEY_COLUMNS, "x") | {"metric": "distribution_skill", "method": method}
+        return pd.DataFrame([row | {"value": value, "ci_low": ci_low}])
+
+    base = pd.concat([frame(-116.5, -184.6, "ill"), frame(0.7, 0.4, "skilled")])
+    path = tmp_path / "b.csv"
+    base.to_csv(path, index=False)
+    ok = pd.concat([frame(-336.3, -500.0, "ill"), frame(0.69, 0.3, "skilled")])
+    assert check_regression(ok, path) == []
+    bad = pd.concat([frame(-336.3, -500.0, "ill"), frame(SCORE_FLOOR, -5.0, "skilled")])
+    failures = check_regression(bad, path)
+    assert len(failures) == 1 and "skilled" in str(failures[0])
 
 
 @pytest.mark.parametrize(("args", "message"), [

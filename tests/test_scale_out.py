@@ -129,16 +129,18 @@ def test_store_gc_removes_only_units_no_configuration_uses(tmp_path: Path,
     changed_scale = {**current, "scale": {**scale, "n_train": scale["n_train"] + 1}}
     gone_task = {**current, "task": "no_such_task"}
     gone_method = {"version": CACHE_VERSION, "kind": "prediction", "method": "no_such_method"}
-    kept_method = {"version": CACHE_VERSION, "kind": "prediction", "method": "unroll"}
+    kept_method = {"version": CACHE_VERSION, "kind": "prediction", "method": "unroll", "sources": [["ab", 0]]}
+    whole_run_method = {"version": CACHE_VERSION, "kind": "prediction", "method": "unroll"}  # before method units
     keys = {}
-    for i, cfg in enumerate([current, stale_version, changed_scale, gone_task, gone_method, kept_method]):
+    for i, cfg in enumerate([current, stale_version, changed_scale, gone_task, gone_method, kept_method,
+                             whole_run_method]):
         keys[i] = f"{i:02d}" * 8
         store.put(keys[i], cfg, {"x": torch.zeros(1)}, kind=cfg["kind"])
     assert store_main(["gc", "--dry-run", "--root", str(tmp_path)]) == 0
-    assert "4 unit(s) no current configuration uses" in capsys.readouterr().out
-    assert len(store.ls()) == 6  # dry run removed nothing
+    assert "5 unit(s) no current configuration uses" in capsys.readouterr().out
+    assert len(store.ls()) == 7  # dry run removed nothing
     assert store_main(["gc", "--root", str(tmp_path)]) == 0
-    assert "removed 4 unused unit(s)" in capsys.readouterr().out
+    assert "removed 5 unused unit(s)" in capsys.readouterr().out
     assert {i.key for i in store.ls()} == {keys[0], keys[5]}
 
 
