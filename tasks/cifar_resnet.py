@@ -24,7 +24,7 @@ seed, the example's pool index, epoch): removing an example changes no other exa
 
 Scales (``small`` sized for a 2-core CPU; see README "cifar_resnet"):
 - ``smoke``: N = 128, width 4, 2 epochs — CI seconds;
-- ``small`` (default): N = 500, width 8, batch 50, 8 epochs, lr 0.4 triangular (peak at 1/5) — ≈ 5 s per
+- ``small`` (default): N = 500, width 8, batch 50, 8 epochs, lr 0.4 triangular (peak at 1/5) — ≈ 2.4 s per
   training here; its main ground truth is group removal (LDS: 20 random 50 % subsets × 4 seeds), with the
   single-example LOO rows (4 seeds × 8 targets) and their ceilings beside it;
 - ``paper``: SOURCE's setting — the 3,072-example subset, width 64, batch 512, 25 epochs, 50 seeds.

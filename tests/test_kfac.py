@@ -13,14 +13,17 @@ from benchmark.config import Coupling
 from benchmark.engine import build_schedule, initial_params, train_models
 from methods.base import RemovalContext, example_loss_grads, measurement_grads
 from methods.influence import Curvature, Influence, InfluenceConfig, dense_curvature
-from methods.kfac import FisherType, KroneckerCurvature, fit_kronecker
+from methods.kfac import FisherType, KroneckerCurvature, fit_kronecker, layer_blocks
 from tasks.mnist_mlp import MnistMlp
 from tests.conftest import make_task, tiny_scale
 
 EXACT_ATOL = 1e-12
 # EK-FAC influence vs exact damped-GGN influence (Spearman over all (target, query) pairs, per seed and
-# measurement, averaged). Measured on this 2-layer softmax MLP: ≈ 0.55 (λ = 0.1·mean eig) — well below the
-# 0.9 the issue hoped for; grad_dot ≈ 0.07. Softmax regression (no hidden layer) gives ≈ 0.68. See README.
+# measurement, averaged; λ = 0.1·mean eigenvalue). Measured on this 2-layer ReLU softmax MLP (P = 1,930,
+# N = 512): EK-FAC 0.544 (Pearson 0.851), grad_dot 0.07, and the *exact* block-diagonal GGN 0.890 (Pearson
+# 0.976). Every layer-wise curvature (K-FAC, EK-FAC, kronfluence's) is an approximation of that
+# block-diagonal matrix, so 0.89 is the ceiling of the whole family here, below the 0.9 the issue hoped for;
+# kronfluence's EK-FAC equals ours (test_ekfac_influence_matches_kronfluence). See README "Tests".
 EKFAC_SPEARMAN_MIN = 0.45
 EKFAC_OVER_GRAD_DOT_MIN = 0.3
 
@@ -152,6 +155,20 @@ def spearman_mean(a: Tensor, b: Tensor) -> float:
     return float(sum(vals) / len(vals))
 
 
+def block_diagonal_influence(task: MnistMlp, ctx: RemovalContext, theta: Tensor) -> Tensor:
+    """(1/N)∇mᵀ(H_bd + λI)⁻¹∇ℓ_k [K, Q, M] with H_bd the exact GGN (+ wd·I) with every cross-layer block zeroed
+    and λ = 0.1 × its mean eigenvalue (the trace is unchanged): the best any layer-wise curvature can do."""
+    ggn = dense_curvature(ctx, theta, Curvature.GGN)
+    mask = torch.zeros_like(ggn, dtype=torch.bool)
+    for b in layer_blocks(task.build_module()):
+        mask[b.param_index[:, None], b.param_index[None, :]] = True
+    block = torch.where(mask, ggn, torch.zeros_like(ggn))
+    lam = 0.1 * float(block.trace()) / block.shape[0]
+    g_k = example_loss_grads(task, theta, ctx.data.x_train[ctx.targets], ctx.data.y_train[ctx.targets])
+    solved = torch.linalg.solve(block + lam * torch.eye(block.shape[0], dtype=block.dtype), g_k.T).T
+    return torch.einsum("kp,qmp->kqm", solved, measurement_grads(task, theta, ctx.x_query, ctx.y_query)) / ctx.n_train
+
+
 def test_ekfac_influence_tracks_exact_ggn_influence_and_beats_grad_dot() -> None:
     scale = tiny_scale(n_train=512, hidden=(32,), activation="relu", pool=4, epochs=10, momentum=0.0, lr=0.1,
                        batch=32, wd=1e-3)
@@ -169,8 +186,13 @@ def test_ekfac_influence_tracks_exact_ggn_influence_and_beats_grad_dot() -> None
                                                             data.y_train[ctx.targets]),
                                          measurement_grads(task, theta[s], ctx.x_query, ctx.y_query))
                             for s in range(2)])
+    block_diag = torch.stack([block_diagonal_influence(task, ctx, theta[s]) for s in range(2)])
     rho_ekfac, rho_grad_dot = spearman_mean(ekfac, exact), spearman_mean(grad_dot, exact)
-    print(f"ekfac_vs_exact_spearman={rho_ekfac:.3f} grad_dot_vs_exact_spearman={rho_grad_dot:.3f}")
+    rho_block = spearman_mean(block_diag, exact)
+    print(f"ekfac_vs_exact_spearman={rho_ekfac:.3f} grad_dot_vs_exact_spearman={rho_grad_dot:.3f} "
+          f"exact_block_diagonal_vs_exact_spearman={rho_block:.3f}")
+    # the hierarchy: full GGN > its exact block diagonal (the layer-wise family's ceiling) > EK-FAC > grad_dot
+    assert rho_block > rho_ekfac
     assert rho_ekfac >= EKFAC_SPEARMAN_MIN
     assert rho_ekfac >= rho_grad_dot + EKFAC_OVER_GRAD_DOT_MIN
     assert spearman_mean(ekfac.roll(1, dims=1), exact) < EKFAC_SPEARMAN_MIN  # misaligned targets fail
