@@ -221,7 +221,7 @@ def run(opts: RunOptions, out_dir: Path, store: UnitStore) -> list[dict]:
             info["mechanism"] = {"skipped": task.mechanism_skip_reason}
         info["mechanism_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        if (source_skip := skip_reason(opts.task, opts.scale, "source")) is None:
+        if (source_skip := skip_reason(opts.task, opts.scale, "source", opts.device)) is None:
             segment_study(evaluations, store, opts, run_dir, executor)
         else:  # the segment study is SOURCE run 4 times: skipped where SOURCE itself is
             info["source_segments"] = {"skipped": source_skip}
@@ -309,7 +309,7 @@ def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common:
         if name in REFERENCE_METHODS:
             delta, runtime, peak, minfo = reference_delta(name, gt), 0.0, float("nan"), {}
             variant, is_dist, config_hash = "reference", True, content_key(name)
-        elif (skip := skip_reason(opts.task, opts.scale, name)) is not None:
+        elif (skip := skip_reason(opts.task, opts.scale, name, opts.device)) is not None:
             method_info[name] = {"skipped": skip}
             rows.append({**common, "method": name, "variant": "skipped", "measurement": "all",
                          "metric": ev.metric_name("skipped"), "regime": "skipped", "value": float("nan")})
@@ -347,10 +347,11 @@ def evaluate_methods(ev: Evaluation, opts: RunOptions, store: UnitStore, common:
     return predictions, rows
 
 
-def skip_reason(task_name: str, scale_name: str, method: str) -> str | None:
-    """Why ``method`` does not run on this task and scale (``Task.method_skips``), or None. A skipped method
-    gets a leaderboard row with regime ``skipped`` and its reason in ``run_info.json``: never silently absent."""
-    return TASKS.get(task_name).method_skips.get(scale_name, {}).get(method)
+def skip_reason(task_name: str, scale_name: str, method: str, device: torch.device) -> str | None:
+    """Why ``method`` does not run on this task, scale and device (``Task.skip_reason``), or None. A skipped
+    method gets a leaderboard row with regime ``skipped`` and its reason in ``run_info.json``: never silently
+    absent."""
+    return TASKS.get(task_name).skip_reason(scale_name, method, device.type)
 
 
 def score_rows(gt: GroundTruth, delta: np.ndarray, is_dist: bool, base: dict, opts: RunOptions

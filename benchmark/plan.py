@@ -155,9 +155,10 @@ def planned_method_units(task: Task, data: TaskData, scale: TaskScale, scale_nam
     seeds = [s for u in gt_units for s in u.job.seeds]  # type: ignore[attr-defined]
     sources = tuple((u.key, i) for u in gt_units for i in range(len(u.job.seeds)))  # type: ignore[attr-defined]
     out: list[WorkUnit] = []
+    device_type = data.x_train.device.type
     for name in methods:
         method = METHODS.get(name)()
-        if task.method_skips.get(scale_name, {}).get(name) or (evaluation == "lds" and method.lds_skip_reason):
+        if task.skip_reason(scale_name, name, device_type) or (evaluation == "lds" and method.lds_skip_reason):
             continue
         n = method.seeds_used(len(seeds))
         ctx = RemovalContext(task=task, data=data, scale=scale, theta_full=torch.empty(n, 0), seeds=seeds[:n],

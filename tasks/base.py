@@ -70,6 +70,8 @@ class Task(ABC):
     augments: ClassVar[bool] = False  # True: ``augment`` transforms the training inputs
     # scale → method → why it is not run there (cost or applicability); the leaderboard says so
     method_skips: ClassVar[Mapping[str, Mapping[str, str]]] = {}
+    # the methods whose ``method_skips`` entries are about this CPU's cost: on another device (a GPU) they run
+    cpu_cost_skips: ClassVar[frozenset[str]] = frozenset()
     # scale → GoldConfig fields overriding the further-training gold standard's per-scale defaults
     gold_overrides: ClassVar[Mapping[str, Mapping[str, object]]] = {}
     mechanism_study: ClassVar[bool] = True  # run_all's ``mechanism`` evaluation applies to this task
@@ -77,6 +79,15 @@ class Task(ABC):
 
     def __init__(self, scale: TaskScale) -> None:
         self.scale = scale
+
+    @classmethod
+    def skip_reason(cls, scale_name: str, method: str, device_type: str = "cpu") -> str | None:
+        """Why ``method`` does not run at ``scale_name`` on a ``device_type`` device (``method_skips``), or None;
+        a skip listed in ``cpu_cost_skips`` applies on the CPU only."""
+        reason = cls.method_skips.get(scale_name, {}).get(method)
+        if reason is not None and device_type != "cpu" and method in cls.cpu_cost_skips:
+            return None
+        return reason
 
     @abstractmethod
     def load_data(self) -> TaskData:

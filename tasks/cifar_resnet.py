@@ -194,6 +194,8 @@ class CifarResnet(Task):
     lds_scales = LDS_SCALES
     augments = True
     method_skips = METHOD_SKIPS
+    # every skip but dattri_if_cg's (memory) is this CPU's cost: on a GPU they run (the H100 smoke run ran them)
+    cpu_cost_skips = frozenset({"influence", "lissa", "further_training", "unroll", "source"})
     # small: 4 seeds × 4 replicates × 1 epoch × 9 runs ≈ 1 min here (the defaults, 8 × 20 × 3, ≈ 20 min)
     gold_overrides = {"small": {"n_repeats": 4, "epochs": 1, "max_seeds": 4}}
     mechanism_study = False

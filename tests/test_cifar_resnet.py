@@ -150,3 +150,16 @@ def test_training_mode_loss_is_the_engines() -> None:
     logits = task.logits_grouped({k: v for k, v in task.unflatten(theta).items()}, x, w)
     engine = (cross_entropy(logits, data.y_train[:8].unsqueeze(0)) * w).sum() / 8
     assert torch.allclose(task.batch_loss(theta[0], x[0], data.y_train[:8], w[0], torch.tensor(8.0)), engine)
+
+
+def test_cpu_cost_skips_are_lifted_on_a_gpu_and_other_skips_are_not() -> None:
+    """A skip for this CPU's cost (e.g. ``source`` at small) does not apply on a CUDA device; dattri_if_cg's
+    (memory) does, everywhere; a scale without the entry skips nothing."""
+    from benchmark.harness import skip_reason
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert skip_reason("cifar_resnet", "small", "source", cpu) is not None
+    assert skip_reason("cifar_resnet", "small", "source", gpu) is None
+    assert skip_reason("cifar_resnet", "small", "dattri_if_cg", gpu) is not None
+    assert skip_reason("cifar_resnet", "small", "grad_dot", cpu) is None
+    assert CifarResnet.cpu_cost_skips <= {m for skips in CifarResnet.method_skips.values() for m in skips}

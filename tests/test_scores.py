@@ -447,6 +447,18 @@ def test_percentile_replicates_attenuated_and_centering() -> None:
         score_method(full, removed, delta, n_boot=2, ci_method="bca")
 
 
+def test_centred_skill_interval_contains_the_estimate_despite_a_wild_replicate() -> None:
+    """distribution_skill replicates are centred on their median: one huge replicate cannot push the interval
+    off the estimate. Negative control: mean-centring (the correlations' rule) does exclude it here."""
+    from benchmark.scores.resampling import _centre_replicates, _percentile_ci
+
+    reps = np.r_[np.linspace(-1.0, 1.0, 199), -5000.0]
+    lo, hi = _percentile_ci(_centre_replicates(reps, 0.3, "distribution_skill"), 0.95)
+    assert lo <= 0.3 <= hi
+    lo_mean, _ = _percentile_ci(reps + (0.3 - reps.mean()), 0.95)
+    assert lo_mean > 0.3
+
+
 def test_reproducible_and_shared_replicates(data: Data) -> None:
     full, removed, mu = data
     delta = broadcast(mu, 64) + np.random.default_rng(17).normal(size=removed.shape)

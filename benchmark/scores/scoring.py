@@ -197,9 +197,10 @@ def score_method(
     noise-limited scores sit systematically below the point estimate (e.g. 0.98 vs 0.99) and a raw
     percentile interval can exclude it. With ``ci_method="centered"`` (default) each metric's
     replicates are first shifted by ``value − mean(replicates)`` (correlations then clipped to
-    ``[−1, 1]``): the interval keeps the bootstrap spread but is centred on the point estimate, and
-    the stored ``replicates`` are the shifted ones, so :func:`paired_difference_ci` is centred on the
-    difference of point estimates. ``ci_method="percentile"`` uses the raw replicates. Where the
+    ``[−1, 1]``; ``value − median(replicates)`` for the heavy-tailed ``distribution_skill``): the
+    interval keeps the bootstrap spread but is centred on the point estimate, and the stored
+    ``replicates`` are the shifted ones, so :func:`paired_difference_ci` is centred on the difference of
+    point estimates (for ``distribution_skill``, of the replicates' means, which may differ). ``ci_method="percentile"`` uses the raw replicates. Where the
     point estimate is nan the raw replicates are used.
 
     Args:
