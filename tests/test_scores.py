@@ -459,6 +459,34 @@ def test_centred_skill_interval_contains_the_estimate_despite_a_wild_replicate()
     assert lo_mean > 0.3
 
 
+def test_oracle_memo_serves_every_method_with_identical_scores(data: Data) -> None:
+    """The oracle (noise ceiling) is computed once per ground truth, not per method: a second method's scores
+    and ceilings with the memo equal those computed from scratch, bit for bit, and hit the memo. Negative
+    control: another ground truth (a changed truth array) is a miss."""
+    from benchmark.scores.cross_fit import ORACLE_MEMO
+
+    full, removed, mu = data
+    delta_a = broadcast(mu, 64)
+    delta_b = delta_a + np.random.default_rng(3).normal(size=removed.shape)
+    ORACLE_MEMO.clear()
+    fresh = score_method(full, removed, delta_b, n_boot=20, seed=1)
+    curve_fresh = score_vs_seeds(full, removed, delta_b, n_subsets=3)
+    ORACLE_MEMO.clear()
+    score_method(full, removed, delta_a, n_boot=20, seed=1)
+    score_vs_seeds(full, removed, delta_a, n_subsets=3)
+    hits = ORACLE_MEMO.hits
+    memo = score_method(full, removed, delta_b, n_boot=20, seed=1)
+    curve_memo = score_vs_seeds(full, removed, delta_b, n_subsets=3)
+    assert ORACLE_MEMO.hits > hits
+    for a, b in zip(fresh, memo, strict=True):
+        np.testing.assert_equal(a.as_record(), b.as_record())
+        np.testing.assert_array_equal(a.replicates, b.replicates)
+    np.testing.assert_equal(curve_fresh, curve_memo)  # nan == nan here
+    hits = ORACLE_MEMO.hits
+    score_method(full, removed + 1e-3, delta_b, n_boot=20, seed=1)
+    assert ORACLE_MEMO.hits == hits
+
+
 def test_reproducible_and_shared_replicates(data: Data) -> None:
     full, removed, mu = data
     delta = broadcast(mu, 64) + np.random.default_rng(17).normal(size=removed.shape)

@@ -8,7 +8,10 @@ queries (see :func:`score_split` for the formulas). Arrays are held seeds-last (
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -59,14 +62,81 @@ def _make_prediction(full: FloatArray, delta: FloatArray, need_dist: bool) -> _P
 
 
 def _method_and_oracle(
-    full: FloatArray, removed: FloatArray, delta: FloatArray, need_dist: bool
+    full: FloatArray, removed: FloatArray, delta: FloatArray, need_dist: bool, with_oracle: bool = True
 ) -> tuple[_Problem, list[_Prediction]]:
-    """The truth, and the predictions ``[method, oracle]`` with the oracle ``removed − full[:, None, :]``."""
-    predictions = [
-        _make_prediction(full, delta, need_dist),
-        _make_prediction(full, removed - full[:, None, :], need_dist),  # the oracle
-    ]
+    """The truth, and the predictions ``[method, oracle]`` with the oracle ``removed − full[:, None, :]``
+    (``[method]`` alone when ``with_oracle`` is False: its values are memoised, see :class:`OracleMemo`)."""
+    predictions = [_make_prediction(full, delta, need_dist)]
+    if with_oracle:
+        predictions.append(_make_prediction(full, removed - full[:, None, :], need_dist))
     return _make_problem(full, removed), predictions
+
+
+def truth_digest(full: FloatArray, removed: FloatArray) -> str:
+    """A content hash of a ground truth's arrays (shapes, dtype and bytes)."""
+    h = hashlib.sha1()
+    for arr in (full, removed):
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(arr.view(np.uint8).ravel())
+    return h.hexdigest()
+
+
+class OracleMemo:
+    """The noise-ceiling oracle's cross-fitted values, memoised across methods.
+
+    The oracle ``removed − full`` and hence every value it scores depend only on the ground truth, the
+    seed subset, the splits / bootstrap replicates and ``need_dist``, never on the method, and every
+    statistic is computed per prediction (ranks and correlations row by row), so the harness, which
+    scores ~20 methods on one ground truth, computes the oracle once instead of once per method; the
+    method's values are bit-identical either way (``tests/test_scores.py``). A bounded LRU of small
+    arrays ([n_items, n_metrics]), thread-safe.
+    """
+
+    def __init__(self, max_entries: int = 8192) -> None:
+        self.max_entries = max_entries
+        self._values: OrderedDict[str, FloatArray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, key: str | None) -> FloatArray | None:
+        if key is None:
+            return None
+        with self._lock:
+            value = self._values.get(key)
+            if value is not None:
+                self._values.move_to_end(key)
+                self.hits += 1
+            return value
+
+    def put(self, key: str | None, value: FloatArray) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._values[key] = value
+            self._values.move_to_end(key)
+            while len(self._values) > self.max_entries:
+                self._values.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+            self.hits = 0
+
+
+ORACLE_MEMO = OracleMemo()
+
+
+def memo_key(*parts: object) -> str:
+    """A memo key from strings, numbers and index arrays."""
+    h = hashlib.sha1()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(np.ascontiguousarray(part).view(np.uint8).ravel())
+        else:
+            h.update(repr(part).encode())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from benchmark.scores.cross_fit import _column_means, _crossfit_over, _method_and_oracle
+from benchmark.scores.cross_fit import (
+    ORACLE_MEMO,
+    _column_means,
+    _crossfit_over,
+    _method_and_oracle,
+    memo_key,
+    truth_digest,
+)
 from benchmark.scores.fixed_seed import _FixedSeed
 from benchmark.scores.metrics import (
     CI_METHODS,
@@ -115,15 +122,19 @@ def _evaluate(
     is_distributional: bool,
     plan: ResamplingPlan,
     n_workers: int = 1,
+    oracle_key: str | None = None,
 ) -> _Evaluation:
     """Point estimates, ceilings and replicates; replicate chunks may run in ``n_workers`` threads.
 
     Every replicate is computed independently from its own indices, so the result does not depend
-    on ``n_workers`` (numpy releases the GIL in the heavy sorts, gathers and reductions).
+    on ``n_workers`` (numpy releases the GIL in the heavy sorts, gathers and reductions). The oracle's
+    values are taken from / stored in :data:`ORACLE_MEMO` under ``oracle_key`` (None: always computed).
     """
     cf_metrics = _crossfit_metrics(is_distributional)
     fs_metrics = _fixed_seed_metrics(is_distributional)
-    problem, predictions = _method_and_oracle(full, removed, delta, is_distributional)
+    cached = [ORACLE_MEMO.get(None if oracle_key is None else f"{oracle_key}:{part}") for part in ("split", "boot")]
+    with_oracle = any(c is None for c in cached)
+    problem, predictions = _method_and_oracle(full, removed, delta, is_distributional, with_oracle)
     n_boot = len(plan.replicates)
     fixed = _FixedSeed(full, removed, delta, fs_metrics) if fs_metrics else None
 
@@ -145,9 +156,14 @@ def _evaluate(
     per_split, *parts = _run_jobs(jobs, n_workers if threaded else 1)
     cf_parts, fs_parts = parts[: len(boot_chunks)], parts[len(boot_chunks) :]
 
-    point, ceiling = _column_means(per_split[0], cf_metrics), _column_means(per_split[1], cf_metrics)
     empty = np.full((0, len(cf_metrics)), np.nan)
-    boot = [np.concatenate([part[j] for part in cf_parts]) if cf_parts else empty for j in range(2)]
+    boot = [np.concatenate([part[j] for part in cf_parts]) if cf_parts else empty for j in range(len(predictions))]
+    if with_oracle:
+        ORACLE_MEMO.put(None if oracle_key is None else f"{oracle_key}:split", per_split[1].copy())
+        ORACLE_MEMO.put(None if oracle_key is None else f"{oracle_key}:boot", boot[1].copy())
+    else:
+        per_split, boot = [per_split[0], cached[0]], [boot[0], cached[1]]
+    point, ceiling = _column_means(per_split[0], cf_metrics), _column_means(per_split[1], cf_metrics)
     reps = {metric: boot[0][:, i] for i, metric in enumerate(cf_metrics)}
     ceiling_reps = {metric: boot[1][:, i] for i, metric in enumerate(cf_metrics)}
     if fixed is not None:
@@ -200,7 +216,8 @@ def score_method(
     ``[−1, 1]``; ``value − median(replicates)`` for the heavy-tailed ``distribution_skill``): the
     interval keeps the bootstrap spread but is centred on the point estimate, and the stored
     ``replicates`` are the shifted ones, so :func:`paired_difference_ci` is centred on the difference of
-    point estimates (for ``distribution_skill``, of the replicates' means, which may differ). ``ci_method="percentile"`` uses the raw replicates. Where the
+    point estimates (for ``distribution_skill``, of the replicates' means, which may differ).
+    ``ci_method="percentile"`` uses the raw replicates. Where the
     point estimate is nan the raw replicates are used.
 
     Args:
@@ -233,7 +250,16 @@ def score_method(
     workers = _default_workers() if n_workers is None else int(n_workers)
     if workers < 1:
         raise ValueError(f"n_workers must be ≥ 1; got {n_workers}")
-    ev = _evaluate(full_a, removed_a, delta_a, is_distributional=is_distributional, plan=plan, n_workers=workers)
+    oracle_key = memo_key("score_method", truth_digest(full_a, removed_a), is_distributional, n_splits, n_boot, seed)
+    ev = _evaluate(
+        full_a,
+        removed_a,
+        delta_a,
+        is_distributional=is_distributional,
+        plan=plan,
+        n_workers=workers,
+        oracle_key=oracle_key,
+    )
     results = []
     for metric in metric_names(is_distributional):
         value, ceiling = ev.point[metric], ev.ceiling[metric]

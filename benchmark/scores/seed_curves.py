@@ -9,7 +9,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from benchmark.scores.cross_fit import _column_means, _crossfit_over, _method_and_oracle
+from benchmark.scores.cross_fit import (
+    ORACLE_MEMO,
+    _column_means,
+    _crossfit_over,
+    _method_and_oracle,
+    memo_key,
+    truth_digest,
+)
 from benchmark.scores.fixed_seed import _FixedSeed
 from benchmark.scores.metrics import (
     REGIME_FIXED_SEED,
@@ -54,12 +61,25 @@ def _crossfit_on_subset(
     subset: IntArray,
     splits: Sequence[CrossFitSplit],
     is_distributional: bool,
+    digest: str | None = None,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Cross-fitted scores of the method and of the oracle on the seeds ``subset``, averaged over ``splits``."""
+    """Cross-fitted scores of the method and of the oracle on the seeds ``subset``, averaged over ``splits``
+    (the oracle's values memoised in :data:`ORACLE_MEMO` when ``digest``, the truth's content hash, is given)."""
     cf_metrics = _crossfit_metrics(is_distributional)
-    problem, predictions = _method_and_oracle(full[subset], removed[subset], delta[subset], is_distributional)
-    method_vals, oracle_vals = _crossfit_over(problem, predictions, cf_metrics, is_distributional, splits)
-    return _column_means(method_vals, cf_metrics), _column_means(oracle_vals, cf_metrics)
+    key = (
+        None
+        if digest is None
+        else memo_key("seed_subset", digest, is_distributional, subset, *(np.r_[sp.half_a, sp.half_b] for sp in splits))
+    )
+    oracle_vals = ORACLE_MEMO.get(key)
+    problem, predictions = _method_and_oracle(
+        full[subset], removed[subset], delta[subset], is_distributional, with_oracle=oracle_vals is None
+    )
+    values = _crossfit_over(problem, predictions, cf_metrics, is_distributional, splits)
+    if oracle_vals is None:
+        oracle_vals = values[1]
+        ORACLE_MEMO.put(key, oracle_vals.copy())
+    return _column_means(values[0], cf_metrics), _column_means(oracle_vals, cf_metrics)
 
 
 def _seed_curve_row(metric: str, n: int, values: list[float], ceilings: list[float]) -> dict[str, Any]:
@@ -125,6 +145,7 @@ def score_vs_seeds(
     metrics = metric_names(is_distributional)
     fs_metrics = _fixed_seed_metrics(is_distributional)
     rng = np.random.default_rng(seed)
+    digest = truth_digest(full_a, removed_a)
     rows: list[dict[str, Any]] = []
     for n in counts:
         values: dict[str, list[float]] = {m: [] for m in metrics}
@@ -133,7 +154,9 @@ def score_vs_seeds(
         for _ in range(n_subsets):
             subset = np.arange(n_seeds) if n == n_seeds else np.sort(rng.choice(n_seeds, size=n, replace=False))
             splits = _draw_splits(n, n_splits, rng)
-            method_cf, oracle_cf = _crossfit_on_subset(full_a, removed_a, delta_a, subset, splits, is_distributional)
+            method_cf, oracle_cf = _crossfit_on_subset(
+                full_a, removed_a, delta_a, subset, splits, is_distributional, digest
+            )
             for metric in method_cf:
                 values[metric].append(method_cf[metric])
                 ceilings[metric].append(oracle_cf[metric])
