@@ -141,3 +141,14 @@ def test_dry_run_counts_method_units_and_finds_them_cached_after_a_run(tmp_path:
     capsys.readouterr()
     after = methods_row()
     assert int(after[3]) == 3 and int(after[4]) == 3
+
+
+def test_speed_executors_times_method_units(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m benchmark.speed executors --method``: the method's units through every executor, with the
+    process run's predictions bit-identical to local's at equal threads."""
+    from benchmark import speed_executors
+
+    assert speed_executors.main(["--scale", "smoke", "--seeds", "4", "--method", "grad_dot"]) == 0
+    out = capsys.readouterr().out
+    assert "grad_dot_process_speedup_vs_local=" in out
+    assert "grad_dot_bit_identical_process_vs_local_1t=True" in out
