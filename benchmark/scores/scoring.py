@@ -132,7 +132,8 @@ def _evaluate(
     """
     cf_metrics = _crossfit_metrics(is_distributional)
     fs_metrics = _fixed_seed_metrics(is_distributional)
-    cached = [ORACLE_MEMO.get(None if oracle_key is None else f"{oracle_key}:{part}") for part in ("split", "boot")]
+    keys = [None if oracle_key is None else f"{oracle_key}:{part}" for part in ("split", "boot")]
+    cached = [ORACLE_MEMO.get(key) for key in keys]
     with_oracle = any(c is None for c in cached)
     problem, predictions = _method_and_oracle(full, removed, delta, is_distributional, with_oracle)
     n_boot = len(plan.replicates)
@@ -159,8 +160,8 @@ def _evaluate(
     empty = np.full((0, len(cf_metrics)), np.nan)
     boot = [np.concatenate([part[j] for part in cf_parts]) if cf_parts else empty for j in range(len(predictions))]
     if with_oracle:
-        ORACLE_MEMO.put(None if oracle_key is None else f"{oracle_key}:split", per_split[1].copy())
-        ORACLE_MEMO.put(None if oracle_key is None else f"{oracle_key}:boot", boot[1].copy())
+        ORACLE_MEMO.put(keys[0], per_split[1].copy())
+        ORACLE_MEMO.put(keys[1], boot[1].copy())
     else:
         per_split, boot = [per_split[0], cached[0]], [boot[0], cached[1]]
     point, ceiling = _column_means(per_split[0], cf_metrics), _column_means(per_split[1], cf_metrics)
