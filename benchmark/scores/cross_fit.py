@@ -127,18 +127,6 @@ class OracleMemo:
 ORACLE_MEMO = OracleMemo()
 
 
-def memo_key(*parts: object) -> str:
-    """A memo key from strings, numbers and index arrays."""
-    h = hashlib.sha1()
-    for part in parts:
-        if isinstance(part, np.ndarray):
-            h.update(np.ascontiguousarray(part).view(np.uint8).ravel())
-        else:
-            h.update(repr(part).encode())
-        h.update(b"|")
-    return h.hexdigest()
-
-
 @dataclass(frozen=True)
 class _Cells:
     """The (target, query) cells a split is evaluated on.

@@ -23,7 +23,6 @@ from benchmark.scores.cross_fit import (
     _column_means,
     _crossfit_over,
     _method_and_oracle,
-    memo_key,
     truth_digest,
 )
 from benchmark.scores.fixed_seed import _FixedSeed
@@ -43,6 +42,7 @@ from benchmark.scores.resampling import (
     make_resampling_plan,
 )
 from benchmark.scores.validation import _validate_scored
+from benchmark.store.keys import content_key
 
 
 @dataclass(frozen=True)
@@ -251,7 +251,7 @@ def score_method(
     workers = _default_workers() if n_workers is None else int(n_workers)
     if workers < 1:
         raise ValueError(f"n_workers must be ≥ 1; got {n_workers}")
-    oracle_key = memo_key("score_method", truth_digest(full_a, removed_a), is_distributional, n_splits, n_boot, seed)
+    oracle_key = content_key("score_method", truth_digest(full_a, removed_a), is_distributional, n_splits, n_boot, seed)
     ev = _evaluate(
         full_a,
         removed_a,

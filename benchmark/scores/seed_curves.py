@@ -14,7 +14,6 @@ from benchmark.scores.cross_fit import (
     _column_means,
     _crossfit_over,
     _method_and_oracle,
-    memo_key,
     truth_digest,
 )
 from benchmark.scores.fixed_seed import _FixedSeed
@@ -29,6 +28,7 @@ from benchmark.scores.metrics import (
 )
 from benchmark.scores.resampling import CrossFitSplit, _draw_splits
 from benchmark.scores.validation import _validate_scored
+from benchmark.store.keys import content_key
 
 
 def _default_seed_counts(n_seeds: int) -> list[int]:
@@ -69,7 +69,9 @@ def _crossfit_on_subset(
     key = (
         None
         if digest is None
-        else memo_key("seed_subset", digest, is_distributional, subset, *(np.r_[sp.half_a, sp.half_b] for sp in splits))
+        else content_key(
+            "seed_subset", digest, is_distributional, subset, *(np.r_[sp.half_a, sp.half_b] for sp in splits)
+        )
     )
     oracle_vals = ORACLE_MEMO.get(key)
     problem, predictions = _method_and_oracle(
